@@ -84,7 +84,8 @@ end
 -- and completion_tokens (each a number from 0 up, or not counted)
 local function observe_call(provider, model, usd, input, prompt, output, completion, operation)
   provider, model = provider or "unknown", model or "unknown"
-  local b = series_of(provider, model)
+  local by = bound[provider] -- (series_of's lookup, without its call: once a row)
+  local b = by and by[model] or series_of(provider, model)
   if usd then
     spent_usd = spent_usd + usd
   else
@@ -131,9 +132,9 @@ end
 
 -- e checked, at the line that called resil.cost.record (level 4: here, the
 -- entry's maker, resil.cost.record or a settle, its caller) -> its units as
--- JSON (nil: none) and the task's context
+-- JSON (nil: none) and the task's context. (e is a table: resil.cost.record
+-- and ticket:settle, its callers' callers, asked)
 local function checked(e)
-  if type(e) ~= "table" then error("resil.cost.record: expects a table", 4) end
   -- usd = nil: a call without a price, recorded as such (never as a zero)
   local usd = e.usd
   if usd ~= nil and not (type(usd) == "number" and usd >= 0 and usd <= MAX_USD) then -- (is_usd)
@@ -207,9 +208,10 @@ local function cost_row(e, at)
   local units, ctx = checked(e)
   local u, usd, user = e.units or NO_UNITS, e.usd, e.user
   if user and not strings[user] and not is_string(user) then user = tostring(user) end
+  -- (micro_usd: to_micro's integer, without math.floor's call; usd is checked, at most 1e9)
   return { e.id ~= nil and tostring(e.id) or nil, at, day_of(at), e.provider, e.model, e.operation,
            user, e.run or runs.current_id(), e.step or ctx.step or nil,
-           usd and floor(usd * MICRO + 0.5), units, e.budget, e.period, nil, e.item or ctx._step_scope,
+           usd and (usd * MICRO + 0.5) // 1 | 0, units, e.budget, e.period, nil, e.item or ctx._step_scope,
            usd, u.input_tokens, u.prompt_tokens, u.output_tokens, u.completion_tokens, e.sync }
 end
 
@@ -461,7 +463,7 @@ function resil.cost.record(e)
   if type(e) ~= "table" then error("resil.cost.record: expects a table", 2) end
   -- (a row's budget is whose spend it is, on SQLite: under the sandbox a gateway key's, "key:NAME", is
   -- the host's, as resil.budget refuses it; a script spent a key's money with a row of its own)
-  if private.sandbox and type(e) == "table" and type(e.budget) == "string" and e.budget:sub(1, 4) == "key:" then
+  if private.sandbox and type(e.budget) == "string" and e.budget:sub(1, 4) == "key:" then
     error(("resil.cost.record: budget %q is a gateway key's (names under \"key:\" are reserved in the sandbox:"
       .. " resil_options.sandbox, --sandbox)"):format(e.budget), 2)
   end
