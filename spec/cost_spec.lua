@@ -216,6 +216,9 @@ describe("resil.cost inside steps and once (one process)", function()
       { provider = "p", model = "full2", operation = "embed", user = "u5", usd = 1.25, units = { output_tokens = 2 },
         run = "r5", step = "s5", item = "i5" },
       { provider = "p", model = "bare2", usd = 0.1 },
+      { provider = "p", model = "half", usd = 0.0000005 }, -- (half a micro-dollar rounds up)
+      { provider = "p", model = "less", usd = 0.00000049 },
+      { provider = "p", model = "most", usd = 1e9 },
     }
     for _, e in ipairs(rows) do
       e.wait = false
@@ -236,6 +239,11 @@ describe("resil.cost inside steps and once (one process)", function()
     assert.are.equal("r1", got.full.run)
     assert.are.equal("r5", got.full2.run)
     assert.are.equal(got.bare.run, got.bare2.run) -- (the script's own run, as a row without one gets)
+    -- (micro-dollars are the ledger's integers: a float there would be a REAL in the column)
+    for model, micro in pairs({ half = 1, less = 0, most = 1000000000000000, full = 500000, bare2 = 100000 }) do
+      assert.are.equal(micro, got[model].micro_usd, model)
+      assert.are.equal("integer", math.type(got[model].micro_usd), model)
+    end
   end)
 
   -- (rows nobody waits for are written in C, one statement each and no savepoint: one that fails must
