@@ -246,6 +246,82 @@ describe("resil.cost inside steps and once (one process)", function()
     end
   end)
 
+  -- (the usual queued row is made in C, src/flat_json.c's row; a record with a metatable, or fields it
+  -- does not take, is costs.lua's cost_row: the two must write the same row and count the same metrics)
+  it("wait = false: a row made in C is the row costs.lua makes, column by column, in a step too; so are its metrics",
+    function()
+    fresh_store()
+    local cases = {
+      { provider = "p", usd = 0.000123, units = { input_tokens = 3, output_tokens = 1, cached_input_tokens = 0,
+        cache_write_tokens = 0 }, operation = "chat" },
+      { provider = "p", usd = 0, units = { prompt_tokens = 4, completion_tokens = 2 }, user = "u", id = "resp-1" },
+      { provider = "p", usd = 7, units = { input_tokens = 1, estimated = true, service_tier = "flex" }, sync = false },
+      { provider = "p", usd = 1e9, run = "r", step = "s", item = "i", period = "2026-12" },
+      { provider = "p", usd = 0.0000005 },
+      { provider = "p" },
+      { provider = "p", units = { input_tokens = 2 ^ 40, output_tokens = -1 } },
+      { provider = "p", usd = 2, units = { input_tokens = 1.5 } }, -- (json.encode's units: costs.lua's, both)
+      { provider = "p", usd = 3, id = 42, user = 7, run = 9 }, -- (numbers: costs.lua's, both)
+    }
+    local function record_both(prefix)
+      for i, c in ipairs(cases) do
+        for _, how in ipairs({ "c", "lua" }) do
+          local e = { model = ("%s%d-%s"):format(prefix, i, how), wait = false }
+          for k, v in pairs(c) do e[k] = v end
+          if e.id then e.id = e.id .. prefix .. how end
+          if how == "lua" then setmetatable(e, {}) end
+          assert(resil.cost.record(e))
+        end
+      end
+    end
+    record_both("plain")
+    resil.step("in a step", function() record_both("step") end)
+    resil.map({ "x" }, function() resil.step("item", function() record_both("item") end) end)
+    local db = assert(resil.sqlite.open(resil.store().url, {}))
+    local rows = {}
+    assert(resil.cost.total()) -- (the queue written)
+    db:tx(function(tx)
+      for _, r in ipairs(tx:rows("SELECT * FROM costs")) do rows[r.model] = r end
+    end)
+    db:close()
+    local metrics = resil.metrics.text()
+    local n = 0
+    for _, prefix in ipairs({ "plain", "step", "item" }) do
+      for i, c in ipairs(cases) do
+        local a, b = rows[("%s%d-c"):format(prefix, i)], rows[("%s%d-lua"):format(prefix, i)]
+        assert(a and b, prefix .. i)
+        for _, col in ipairs({ "at", "day", "provider", "operation", "user", "run", "step", "micro_usd", "units", "budget",
+          "period", "ticket", "item" }) do
+          assert.are.equal(b[col], a[col], ("%s%d %s"):format(prefix, i, col))
+          assert.are.equal(math.type(b[col]), math.type(a[col]), ("%s%d %s"):format(prefix, i, col))
+        end
+        if c.id then
+          assert.are.equal(tostring(c.id) .. prefix .. "c", a.dedupe)
+        else
+          assert.is_nil(a.dedupe)
+        end
+        local function lines(model)
+          local out = {}
+          for line in metrics:gmatch("[^\n]+") do
+            if line:find('model="' .. model .. '"', 1, true) or line:find('gen_ai_request_model="' .. model .. '"', 1, true)
+            then
+              out[#out + 1] = (line:gsub((model:gsub("%p", "%%%0")), "M"))
+            end
+          end
+          table.sort(out)
+          return out
+        end
+        local la = lines(("%s%d-c"):format(prefix, i))
+        assert.are.same(lines(("%s%d-lua"):format(prefix, i)), la)
+        n = n + #la
+      end
+    end
+    assert.is_true(n > 20, n)
+    assert.are.equal("i", rows["plain4-c"].item)
+    assert.truthy(rows["step1-c"].step)
+    assert.truthy(rows["item1-c"].item)
+  end)
+
   -- (rows nobody waits for are written in C, one statement each and no savepoint: one that fails must
   -- undo only itself, and the metrics count what was written, once per commit)
   it("wait = false: a row the ledger refuses (here a trigger's) is refused in the log; the rows " ..

@@ -10,8 +10,10 @@ local owner = require "resil.owner"
 -- json.encode the units of every row its process records, its spawn the rows' retries)
 local json, spawn = private.json, resil.spawn
 -- a row's usual units (a flat object of names and whole numbers) as json.encode writes them, for a
--- tenth of its instructions (src/flat_json.c); nil: json.encode's to write
-local flat_json = require "resil.core.flat_json"
+-- tenth of its instructions (src/flat_json.c); nil: json.encode's to write. ledger_row: the usual
+-- queued row (cost_row's), made in C; nil: cost_row's to check and make
+local flat = require "resil.core.flat_json"
+local flat_json, ledger_row = flat.write, flat.row
 
 local MICRO, floor = 1e6, math.floor
 local function to_micro(usd) return floor(usd * MICRO + 0.5) end
@@ -485,7 +487,10 @@ function resil.cost.record(e)
   -- (SQLite: queued in C; past LATER_MAX written as below)
   if e.wait == false and backend_of[s].cost_queue and not (unwritten >= LATER_MAX and resil.running()
     and coroutine.isyieldable()) then
-    local row = cost_row(e, store_now())
+    local at = store_now()
+    -- (the run and the context cost_row would take, for the row made in C; side-effect free)
+    local row = ledger_row(e, at, day_of(at), e.run == nil and runs.current_id() or nil, resil.context())
+      or cost_row(e, at)
     unwritten = unwritten + 1
     queued_on = backend_of[s]
     backend_of[s]:cost_queue(row, rows_committed, row_failed)
