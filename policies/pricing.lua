@@ -234,7 +234,14 @@ local warned, warned_count, WARN_MAX = {}, 0, 100
 -- (the numbers met as prices, remembered as such: a key there is a number, and was one >= 0
 -- and finite; a type() call each was some 400 instructions. Bounded: a project may set any)
 local fine, fine_count = {}, 0
+-- (the usual price summed in C, the same doubles in the same order: pricing.units' own token
+-- units, whole counts; nil for the rest, summed below. A host without it sums them all here)
+local core_ok, core = pcall(require, "resil.core.flat_json")
+local priced_in_c = core_ok and type(core) == "table" and core.pricer and core.pricer(pricing.units.input,
+  pricing.units.cached_input, pricing.units.cache_write, pricing.units.cache_write_1h, pricing.units.output) or nil
 local function priced(price, usage)
+  local usd = priced_in_c and priced_in_c(price, usage, pricing.units)
+  if usd then return usd end
   if not tables[price] then
     if type(price) ~= "table" then return nil, malformed(price) end
     tables[price] = true

@@ -379,6 +379,57 @@ describe("golden costs from the providers' documented usage", function()
     assert(ok, err)
   end)
 
+  -- (the usual price is summed in C, src/flat_json.c's pricer; a price with a metatable, a unit a
+  -- project replaced, a count that is no integer are summed in pricing.lua: the two must agree to the bit)
+  it("a cost summed in C is the cost pricing.lua sums, to the bit, for any token prices and counts", function()
+    local models = pricing.models.openai
+    local FIELDS = { "input", "cached_input", "cache_write", "cache_write_1h", "output" }
+    local VALUES = { 0, 1, 3, 0.15, 0.075, 2.5, 1e-7, 1234.5678, 0.1 + 0.2, 7 / 3 }
+    local COUNTS = { 0, 1, 3, 7, 999, 1000000, 123456789, 2 ^ 53, -5 }
+    math.randomseed(20261207)
+    local n = 0
+    local ok, err = pcall(function()
+      for _ = 1, 3000 do
+        local price = {}
+        for _, f in ipairs(FIELDS) do
+          if math.random() < 0.6 then price[f] = VALUES[math.random(#VALUES)] end
+        end
+        if next(price) then
+          local usage = {}
+          for _, k in ipairs({ "input_tokens", "cached_input_tokens", "cache_write_tokens", "cache_write_1h_tokens",
+            "output_tokens" }) do
+            if math.random() < 0.8 then usage[k] = math.tointeger(COUNTS[math.random(#COUNTS)]) end
+          end
+          models["spec-c"] = price
+          local in_c = pricing.cost("openai", "spec-c", usage)
+          setmetatable(price, {}) -- (summed in pricing.lua: the same table, walked in the same order)
+          local in_lua = pricing.cost("openai", "spec-c", usage)
+          setmetatable(price, nil)
+          assert.are.equal(in_lua, in_c, resil.json.encode({ price = price, usage = usage }))
+          assert.are.equal(math.type(in_lua), math.type(in_c))
+          assert.are.equal(string.pack("d", in_lua), string.pack("d", in_c),
+            resil.json.encode({ price = price, usage = usage }))
+          n = n + 1
+        end
+      end
+      -- a unit a project replaced is its own, in pricing.lua
+      models["spec-c"] = { input = 1, output = 2 }
+      local output = pricing.units.output
+      pricing.units.output = function(u) return 10 * (u.output_tokens or 0) / 1e6 end
+      local replaced = pricing.cost("openai", "spec-c", { input_tokens = 1000000, output_tokens = 1000000 })
+      pricing.units.output = output
+      assert.are.equal(21, replaced)
+      assert.are.equal(3, pricing.cost("openai", "spec-c", { input_tokens = 1000000, output_tokens = 1000000 }))
+      -- a count that is no integer, and a flat price a call: pricing.lua's, as ever
+      assert.are.equal(1.5 + 2, pricing.cost("openai", "spec-c", { input_tokens = 1500000.0, output_tokens = 1000000 }))
+      models["spec-c"] = { per_request = 0.5, output = 2 }
+      assert.are.equal(2.5, pricing.cost("openai", "spec-c", { output_tokens = 1000000 }))
+    end)
+    models["spec-c"] = nil
+    assert(ok, err)
+    assert.is_true(n > 2000, n)
+  end)
+
   -- (a dated name's undated one is remembered; its price is read from the table each time)
   it("a dated model is priced as the table prices it now: its undated entry as it changes, or its own", function()
     local u = { input_tokens = 1000000, output_tokens = 1000000 }

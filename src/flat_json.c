@@ -225,7 +225,128 @@ static int ledger_row(lua_State *L) {
   return 1;
 }
 
-/* require "resil.core.flat_json" -> { write = flat_json, row = ledger_row } (src/lua/costs.lua) */
+/* A price table's cost of a usage as policies/pricing.lua's priced sums it, for the usual price
+ * (token prices whose units are pricing.units' own, the usage's counts whole numbers or none):
+ * the same walk in lua_next's order, the same doubles in the same order, without its hundred VM
+ * instructions, four unit calls and the pairs walk's five. Anything else (a metatable, a unit a
+ * project replaced or one not of tokens, a count that is no integer, a price priced raises or
+ * refuses) is pricing.lua's to sum or refuse.
+ * pricer(input, cached_input, cache_write, cache_write_1h, output) -> price(price, usage, units)
+ * -> usd | nil; the price's upvalues: the five units (kept, so that no other function has their
+ * addresses), their addresses, then the names it reads, as strings made once */
+enum { U_INPUT = 1, U_CACHED, U_WRITE, U_WRITE_1H, U_OUTPUT, UV_UNITS = 6, UV_TOKENS = 7, UV_PRICES = 12 };
+static const char *const TOKENS[] = {"input_tokens", "cached_input_tokens", "cache_write_tokens",
+                                     "cache_write_1h_tokens", "output_tokens"};
+static const char *const PRICES[] = {"input", "cached_input", "cache_write", "cache_write_1h"};
+#define NPRICES 4
+typedef struct {
+  const void *fn[U_OUTPUT + 1]; /* [U_*]: the units' addresses */
+} units_seen;
+
+/* a table without a metatable at idx */
+static int plain_table(lua_State *L, int idx) {
+  if (lua_type(L, idx) != LUA_TTABLE) return 0;
+  if (lua_getmetatable(L, idx)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  return 1;
+}
+
+/* which default unit the value at the top is (popped) -> U_* | 0 */
+static int unit_of(lua_State *L, const units_seen *us) {
+  const void *f = lua_type(L, -1) == LUA_TFUNCTION ? lua_topointer(L, -1) : NULL;
+  lua_pop(L, 1);
+  for (int i = U_INPUT; f && i <= U_OUTPUT; i++)
+    if (us->fn[i] == f) return i;
+  return 0;
+}
+
+/* Lua's a - b of two integers (wrapping, as lua_arith) */
+static lua_Integer int_sub(lua_Integer a, lua_Integer b) { return (lua_Integer)((lua_Unsigned)a - (lua_Unsigned)b); }
+
+/* unit u's count of the usage's tokens t[] (pricing.units' function, as Lua computes it) */
+static double count_of(int u, const lua_Integer t[5]) {
+  switch (u) {
+  case U_INPUT: return (double)int_sub(int_sub(t[0], t[1]), t[2]) / 1e6;
+  case U_CACHED: return (double)t[1] / 1e6;
+  case U_WRITE: return (double)int_sub(t[2], t[3]) / 1e6;
+  case U_WRITE_1H: return (double)t[3] / 1e6;
+  default: return (double)t[4] / 1e6;
+  }
+}
+
+/* table[upvalue uv] (raw: a plain table) pushed -> its type */
+static int get_named(lua_State *L, int table, int uv) {
+  lua_pushvalue(L, lua_upvalueindex(uv));
+  return lua_rawget(L, table);
+}
+
+static int price(lua_State *L) {
+  if (!plain_table(L, 1) || !plain_table(L, 2) || !plain_table(L, 3)) return 0;
+  lua_settop(L, 3);
+  const units_seen *us = lua_touserdata(L, lua_upvalueindex(UV_UNITS));
+  lua_Integer t[5];
+  for (int i = 0; i < 5; i++) { /* (u.x or 0): an integer or none */
+    int type = get_named(L, 2, UV_TOKENS + i);
+    if (type == LUA_TNIL) t[i] = 0;
+    else if (lua_isinteger(L, -1)) t[i] = lua_tointeger(L, -1);
+    else return 0;
+    lua_pop(L, 1);
+  }
+  double usd = 0;
+  int any = 0;
+  lua_pushnil(L);
+  while (lua_next(L, 1)) {
+    /* L stack: price, usage, units, field, p */
+    lua_pushvalue(L, 4);
+    lua_rawget(L, 3);
+    int u = unit_of(L, us);
+    if (!u || lua_type(L, 5) != LUA_TNUMBER) return 0;
+    double p = lua_tonumber(L, 5);
+    if (!(p >= 0 && p < HUGE_VAL)) return 0; /* (NaN too) */
+    usd = usd + p * count_of(u, t);
+    any = 1;
+    lua_pop(L, 1);
+  }
+  if (!any) return 0;
+  /* the cache prices it lacks, at the price they fall back to (pricing.lua's, written out alike) */
+  for (int i = 0; i < NPRICES; i++) get_named(L, 1, UV_PRICES + i); /* 4 input, 5 cached_input, 6 cache_write, 7 _1h */
+  int input = !lua_isnil(L, 4); /* (a number: walked above) */
+  double in = input ? lua_tonumber(L, 4) : 0;
+  if (lua_isnil(L, 5) && input) {
+    get_named(L, 3, UV_PRICES + 1);
+    if (unit_of(L, us) != U_CACHED) return 0;
+    usd = usd + in * count_of(U_CACHED, t);
+  }
+  if (lua_isnil(L, 6) && input) {
+    get_named(L, 3, UV_PRICES + 2);
+    if (unit_of(L, us) != U_WRITE) return 0;
+    usd = usd + in * count_of(U_WRITE, t);
+  }
+  if (lua_isnil(L, 7) && (!lua_isnil(L, 6) || input)) {
+    double p = !lua_isnil(L, 6) ? lua_tonumber(L, 6) : in;
+    get_named(L, 3, UV_PRICES + 3);
+    if (unit_of(L, us) != U_WRITE_1H) return 0;
+    usd = usd + p * count_of(U_WRITE_1H, t);
+  }
+  lua_pushnumber(L, floor(usd * 1e9 + 0.5) / 1e9);
+  return 1;
+}
+
+static int pricer(lua_State *L) {
+  for (int i = U_INPUT; i <= U_OUTPUT; i++) luaL_checktype(L, i, LUA_TFUNCTION);
+  lua_settop(L, U_OUTPUT);
+  units_seen *us = lua_newuserdatauv(L, sizeof *us, 0);
+  for (int i = U_INPUT; i <= U_OUTPUT; i++) us->fn[i] = lua_topointer(L, i);
+  for (int i = 0; i < 5; i++) lua_pushstring(L, TOKENS[i]);
+  for (int i = 0; i < NPRICES; i++) lua_pushstring(L, PRICES[i]);
+  lua_pushcclosure(L, price, UV_PRICES + NPRICES - 1);
+  return 1;
+}
+
+/* require "resil.core.flat_json" -> { write = flat_json, row = ledger_row } (src/lua/costs.lua),
+ * pricer (policies/pricing.lua) */
 int luaopen_resil_flat_json(lua_State *L) {
   lua_createtable(L, 0, 2);
   lua_pushcfunction(L, flat_json);
@@ -234,5 +355,7 @@ int luaopen_resil_flat_json(lua_State *L) {
   for (int i = 0; i < 4; i++) lua_pushstring(L, COUNTS[i]);
   lua_pushcclosure(L, ledger_row, NFIELDS + 4);
   lua_setfield(L, -2, "row");
+  lua_pushcfunction(L, pricer);
+  lua_setfield(L, -2, "pricer");
   return 1;
 }
