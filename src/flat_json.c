@@ -1,5 +1,9 @@
 /*
- * flat_json.c: a ledger row's units as JSON, for src/lua/costs.lua.
+ * flat_json.c: a ledger row's units as JSON, for src/lua/costs.lua; and the other pieces of a
+ * paid call's row its every answer runs, in C where Lua's calls and checks were most of their
+ * cost: the usual queued row (ledger_row, costs.lua) and the usual price's sum (pricer,
+ * policies/pricing.lua). Each does only the usual case and leaves the rest to the Lua it
+ * stands for, which specs hold it equal to (cost_spec, ai_spec).
  *
  * resil.json.encode (src/json.c) swaps each number of a value for a marker
  * and back, some 12k instructions for a call's four token counts, on every
