@@ -325,9 +325,12 @@ end
 -- kind "given_up", retryable so that resil.once keeps nothing).
 -- (its loop: retry.call and retry.attempts below)
 local function attempts(fn, opts, deadline, give_up, ...)
+  if opts == nil then opts = EMPTY end -- (retry.attempts' opts may be nil)
   local now = resil.now
   local provider = opts.provider or "default"
-  local budget = opts.budget ~= false and retry.budget(provider, opts.budget) or nil
+  local conf = opts.budget
+  -- (a budget given no options is the one kept under its name, as retry.budget returns it)
+  local budget = conf ~= false and (conf == nil and budgets[provider] or retry.budget(provider, conf)) or nil
   if budget then budget:deposit() end
   local classify_fn = opts.classify or classify.outcome
   local attempt, prev_delay, retries_of = 0, nil, nil
@@ -335,7 +338,8 @@ local function attempts(fn, opts, deadline, give_up, ...)
 
   while true do
     attempt = attempt + 1
-    local why = give_up and given_up(give_up)
+    local why = give_up and give_up() -- (given_up's, inline: asked before every attempt)
+    if why then why = tostring(why) else why = nil end
     if why and verdict then return nil, final_error(res, err, verdict, attempt - 1, provider, why) end
     if why then
       return nil, resil.error("given_up", ("gave up before attempt %d: %s"):format(attempt, why),
@@ -474,8 +478,7 @@ end
 -- deadline (absolute) and give_up given beside opts, which they override
 -- (policies.call: no options table made per call for them)
 -- (fn is not checked here: it runs on every provider call)
-function retry.attempts(fn, opts, deadline, give_up, ...)
-  return attempts(fn, opts or EMPTY, deadline, give_up, ...)
-end
+-- (attempts itself: no second vararg call per provider call)
+retry.attempts = attempts
 
 return retry
