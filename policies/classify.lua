@@ -337,7 +337,12 @@ end
 -- without `return true` refuses every answer, each sent again and paid, then the fallback's: said
 -- once per validator, in a warn line naming where it is defined. (Raised, as a first version did,
 -- the first refusal failed the call after its answer was paid.)
-local function counted(...) return select("#", ...), ... end
+-- (an answer taken is counted as one value: only a refusal's count is asked of select)
+local function counted(...)
+  local ok, why = ...
+  if ok then return 1, ok, why end
+  return select("#", ...), ok, why
+end
 local said_nothing = setmetatable({}, { __mode = "k" })
 local function validated(validate, res, req)
   local n, ok, why = counted(validate(res, req))
@@ -378,8 +383,10 @@ function classify.outcome(res, err, opts, req)
   local is_table = type(res) == "table"
   local st = is_table and res.status
   local st_type = type(st)
-  if st_type == "number" and not (math.type(st) == "integer" or st == math.floor(st)) or
-      st_type == "number" and not (st >= 100 and st <= 599) or st_type == "string" and st:match("^%s*%d%d%d%s*$") then
+  -- (st % 1 == 0: a whole number, as math.type and math.floor said, without their calls; NaN and
+  -- the infinities fail it or the range)
+  if st_type == "number" and not (st >= 100 and st <= 599 and st % 1 == 0) or
+      st_type == "string" and st:match("^%s*%d%d%d%s*$") then
     return verdict_of(classify.kinds.protocol, ("status %s is not an HTTP status (an integer from 100 to 599)"):format(
       st_type == "string" and ("%q"):format(st) or tostring(st)), nil, "protocol")
   end
