@@ -235,6 +235,15 @@ local function operation_series(self, model, error_type, op)
   return series
 end
 
+-- refused.sending: the progress table of the attempt under way, or a SENDING set of them when
+-- several are (an attempt's progress is made and let go on every attempt: one table, no set)
+local SENDING = {}
+local function sends(refused)
+  local list = refused.sending
+  if list == nil or getmetatable(list) == SENDING then return list end
+  return { [list] = true }
+end
+
 -- A whole answer under the key a cut one was sent with is that answer
 -- replayed (the provider keeps what it made for its key): one charge, the
 -- whole one's. A cut answer no whole one followed under its key (the call
@@ -243,7 +252,7 @@ local function mark_replayed(refused, key)
   for _, r in ipairs(refused) do
     if r.cut and r.key == key then r.replayed = true end
   end
-  for progress in pairs(refused.sending or {}) do
+  for progress in pairs(sends(refused) or {}) do
     if progress.key == key then progress.replayed = true end
   end
 end
@@ -257,17 +266,23 @@ end
 local function sending(refused, key)
   local progress = { key = key }
   local list = refused.sending
-  if list then list[progress] = true
-  else refused.sending = { [progress] = true } end -- (made with its entry: not grown from empty)
+  if list == nil then refused.sending = progress
+  elseif getmetatable(list) == SENDING then list[progress] = true
+  else refused.sending = setmetatable({ [list] = true, [progress] = true }, SENDING) end
   return progress
 end
 
-function call.take_canceled(refused)
+local function sent(refused, progress)
   local list = refused.sending
+  if list == progress then refused.sending = nil else list[progress] = nil end
+end
+
+function call.take_canceled(refused)
+  local list = sends(refused)
   if not list then return end
   for progress in pairs(list) do
     if progress.received then -- (told at the cancel)
-      list[progress] = nil
+      sent(refused, progress)
       local status = progress.status
       if math.type(status) == "integer" and status >= 200 and status < 300 then
         refused[#refused + 1] = { cut = true, status = status, received = progress.received, key = progress.key,
@@ -312,10 +327,9 @@ end
 -- A pause the provider asked for (an exhausted limit's reset, a 429's Retry-After) longer than the
 -- retry's max_retry_after is its "not now" to the calls after the one it answered too: not waited out
 -- in the bucket (the call that got it gave up at once, err.gave_up = "retry_after", and the next one,
--- with no deadline, held an hour there, its fallback unasked). -> the error | nil. Looked at only when
+-- with no deadline, held an hour there, its fallback unasked). -> the error | nil. Asked only when
 -- the bucket's wait is that long (its own pacing may be: a pipeline's calls queue for minutes).
-local function paused_past(b, n, most)
-  if b:wait_time(n) <= most then return nil end
+local function paused_past(b, most)
   local paused = b:state().paused_for
   if not (paused > most) then return nil end
   return resil.error("rate_limited", ("bucket '%s' is paused for %.3f s more, as the provider said (past " ..
@@ -323,11 +337,13 @@ local function paused_past(b, n, most)
 end
 
 local function attempt(n, self, req, deadline, refused, give_up)
-  if self.bucket or self.token_bucket then
+  local bucket, token_bucket, sem = self.bucket, self.token_bucket, self.semaphore
+  if bucket or token_bucket then
     local most = self.retry_opts.max_retry_after or retry.defaults.max_retry_after
     if not deadline or deadline - now() > most then -- (a deadline nearer cuts the wait itself)
-      local paused = self.bucket and paused_past(self.bucket, 1, most)
-        or self.token_bucket and paused_past(self.token_bucket, 1, most)
+      -- (paused_past asked only of a bucket whose wait is that long: most never are)
+      local paused = bucket and bucket:wait_time(1) > most and paused_past(bucket, most)
+        or token_bucket and token_bucket:wait_time(1) > most and paused_past(token_bucket, most)
       if paused then return nil, paused end
     end
   end
@@ -341,7 +357,6 @@ local function attempt(n, self, req, deadline, refused, give_up)
   end
   local _ <close> = guard -- an attempt that ends before record() gives its probe back
   local is_table = type(req) == "table"
-  local bucket, token_bucket, sem = self.bucket, self.token_bucket, self.semaphore
   local wait = deadline and (bucket or token_bucket or sem) and { timeout = math.max(0, deadline - now()) } or nil
   local tokens = 0
   if token_bucket then
@@ -391,7 +406,11 @@ local function attempt(n, self, req, deadline, refused, give_up)
   local json = is_table and req.json
   local model = json and type(json) == "table" and json.model or nil
   local key = is_table and (self.idempotency or req.idempotency_key ~= nil) and sent_key(self, req, refused) or nil
-  local op = operation_of(self, is_table, req)
+  local op = self.operation
+  if not op then -- (a URL met before: found here, no call)
+    local url = is_table and (req.url or self.request.url)
+    op = url and operation_of_url[url] or operation_of(self, is_table, req)
+  end
   local span = resil.trace.spans and start_span(self, is_table, model, n, op) or nil
   local progress = refused and is_table and sending(refused, key) or nil
   do
@@ -403,7 +422,7 @@ local function attempt(n, self, req, deadline, refused, give_up)
       res, err = send(self, req, n, deadline and deadline - start, span, key, progress)
     end
   end
-  if progress then refused.sending[progress] = nil end
+  if progress then sent(refused, progress) end
   local elapsed = now() - start
 
   local verdict = classify.outcome(res, err, self, is_table and req or nil)
@@ -415,14 +434,23 @@ local function attempt(n, self, req, deadline, refused, give_up)
   end
   series:inc()
   self.call_time:observe(elapsed)
-  operation_series(self, model, verdict and outcome or false, op):observe(elapsed)
+  -- (the series of a model, operation and error type seen before: found here, no call)
+  local error_type = verdict and outcome or false
+  local by_op = self.operation_series
+  by_op = by_op and by_op[model or "unknown"]
+  local by_error = by_op and by_op[op]
+  series = by_error and by_error[error_type] or operation_series(self, model, error_type, op)
+  series:observe(elapsed)
+  local res_table = type(res) == "table"
   if bucket or token_bucket then
     local more = token_bucket and (used_tokens(res) or (verdict and 0) or tokens) - tokens or 0
     -- resil.http.request's response itself (a table request's): a bucket reads its raw header
     -- lines, and res.headers is not built for it; a request function's answer: its headers
-    local headers = type(res) == "table" and (is_table and res or res.headers) or nil
+    local headers = res_table and (is_table and res or res.headers) or nil
     if self.shared_limits and not verdict and (more ~= 0 or headers) then
       resil.spawn(correct_buckets, self, more, headers) -- (store operations: the answer does not wait for them)
+    elseif more == 0 and not token_bucket then -- (correct_buckets' one step here: no call)
+      if headers then bucket:observe(headers) end
     else
       correct_buckets(self, more, headers)
     end
@@ -432,7 +460,7 @@ local function attempt(n, self, req, deadline, refused, give_up)
     -- (whether it was a probe: one let through before the breaker opened is not taken for it)
     if verdict and verdict.client_fault then
       br:record(nil, elapsed, probe or false, round) -- says nothing of the provider
-    elseif not verdict and type(res) == "table" and res.breaker_later == true then
+    elseif not verdict and res_table and res.breaker_later == true then
       -- an open stream (a request function's answer that says so, policies.ai's): its outcome is its
       -- end's, told by its reader with these (a probe's slot held till then, probe_timeout bounding it)
       res.breaker_later = { br = br, elapsed = elapsed, probe = probe or false, round = round }
