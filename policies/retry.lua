@@ -70,9 +70,11 @@ local function budget_slot(b, now)
 end
 
 function Budget:deposit()
-  local second = floor(resil.now())
-  local slot = self.current
-  if second ~= self.current_second then
+  local t = resil.now()
+  local slot, second = self.current, self.current_second
+  -- (within the current slot's second: no floor call, one a call)
+  if not (second and t >= second and t < second + 1) then
+    second = floor(t)
     slot = budget_slot(self, second)
     self.current, self.current_second = slot, second
   end
