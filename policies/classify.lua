@@ -356,6 +356,10 @@ local function validated(validate, res, req)
   return ok, why
 end
 
+-- the validators given as functions, met before: a provider's, asked on every answer, is not
+-- asked its type() again (a name is looked up in classify.validators each time)
+local validator_functions = setmetatable({}, { __mode = "k" })
+
 -- classify.outcome(res, err [, opts [, req]]) -> nil (success) | verdict
 -- opts.validate: a validator name or function for 2xx responses, called as validate(res, req):
 -- req the request the answer is to (a table call's), for a validator whose verdict depends on it.
@@ -402,10 +406,15 @@ function classify.outcome(res, err, opts, req)
   if status >= 200 and status < 300 then
     local validate = opts and opts.validate
     if validate == nil then return nil end
-    if type(validate) == "string" then
-      local name = validate
-      validate = classify.validators[name]
-      if validate == nil then raise_at_caller(("classify: no validator named '%s'"):format(name)) end
+    if not validator_functions[validate] then
+      local kind = type(validate)
+      if kind == "string" then
+        local name = validate
+        validate = classify.validators[name]
+        if validate == nil then raise_at_caller(("classify: no validator named '%s'"):format(name)) end
+      elseif kind == "function" then
+        validator_functions[validate] = true
+      end
     end
     local ok, why = validated(validate, res, req)
     if ok then return nil end
