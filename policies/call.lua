@@ -412,7 +412,15 @@ local function attempt(n, self, req, deadline, refused, give_up)
     op = url and operation_of_url[url] or operation_of(self, is_table, req)
   end
   local span = resil.trace.spans and start_span(self, is_table, model, n, op) or nil
-  local progress = refused and is_table and sending(refused, key) or nil
+  local progress
+  if refused and is_table then -- (the one attempt under way, the common case: no call)
+    if refused.sending == nil then
+      progress = { key = key }
+      refused.sending = progress
+    else
+      progress = sending(refused, key)
+    end
+  end
   do
     local _ <close> = sem and self.releaser or nil
     if is_table then
@@ -422,7 +430,9 @@ local function attempt(n, self, req, deadline, refused, give_up)
       res, err = send(self, req, n, deadline and deadline - start, span, key, progress)
     end
   end
-  if progress then sent(refused, progress) end
+  if progress then
+    if refused.sending == progress then refused.sending = nil else sent(refused, progress) end
+  end
   local elapsed = now() - start
 
   local verdict = classify.outcome(res, err, self, is_table and req or nil)
