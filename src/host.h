@@ -65,7 +65,6 @@ struct resil {
   int in_loop;           /* inside resil_run, resil_step or resil_call */
   task *current;
   task *main_task;
-  int main_ended; /* the main task ended, and no other was started since (resil_l_ending) */
   int main_ref; /* the registry's reference to it (0: none yet) */
   int tasks_alive;
   int next_task_id;
@@ -351,7 +350,6 @@ int resil_traceback(lua_State *L); /* message handler for lua_pcall */
 const char *resil_describe(lua_State *L, int idx); /* pushes a message for any value; never raises */
 int resil_sensitive_field(const char *name, size_t n); /* error.c: a field written redacted in error reports */
 int resil_l_store_clock(lua_State *L); /* ...as private.store_clock(): resil.now() without that lead */
-int resil_l_ending(lua_State *L);      /* private.ending(): the main task ended, or a stop was asked */
 int resil_l_sensitive_field(lua_State *L);              /* ...as private.sensitive_field(name) */
 void describe_hook(lua_State *L, lua_Debug *ar); /* error.c: resil_describe's cap on a __tostring */
 int resil_raise(lua_State *L, const char *fmt, ...); /* misuse, at the user's line */

@@ -105,16 +105,6 @@ int resil_l_store_clock(lua_State *L) {
   return 1;
 }
 
-/* private.ending() -> whether the program is ending: its main task has ended (and no other was
- * started since: an embedder's next resil_call), or a graceful stop was asked. store.lua tries a
- * write the store did not take again while the program runs, and for a minute once it ends: a
- * gateway's settles given up a minute into a Redis outage were money lost from the ledger. */
-int resil_l_ending(lua_State *L) {
-  resil_t *R = resil_from_lua(L);
-  lua_pushboolean(L, R->main_ended || R->stop_requested);
-  return 1;
-}
-
 /* ---------- virtual timer heap, ordered by (deadline, seq) ---------- */
 
 static int timer_before(const resil_timer *a, const resil_timer *b) {
@@ -329,7 +319,6 @@ static void joiners_remove(task *target, task *joiner) {
 static void task_done(task *t) {
   resil_t *R = t->R;
   t->state = TASK_DONE;
-  if (t == R->main_task) R->main_ended = 1;
   timer_stop(&t->timer);
   while (t->holds) { /* before its joiners run: what it held is free for them */
     task_hold *h = t->holds;
@@ -1259,7 +1248,6 @@ task *task_spawn_main(resil_t *R, int nargs) {
   if (R->main_ref > 0) luaL_unref(R->L, LUA_REGISTRYINDEX, R->main_ref);
   R->main_ref = luaL_ref(R->L, LUA_REGISTRYINDEX);
   R->main_task = t;
-  R->main_ended = 0;
   return t;
 }
 

@@ -495,8 +495,6 @@ static void make_private(lua_State *L) {
   lua_setfield(L, -2, "sensitive_field");
   lua_pushcfunction(L, resil_l_store_clock);
   lua_setfield(L, -2, "store_clock");
-  lua_pushcfunction(L, resil_l_ending);
-  lua_setfield(L, -2, "ending");
   lua_pushcfunction(L, l_plain_file);
   lua_setfield(L, -2, "plain_file");
   lua_pushcfunction(L, resil_l_owner_opened);

@@ -745,19 +745,12 @@ end
 -- last results (nil, err when the store never took it).
 -- Its attempts are sent to a Redis store that is down too (src/store_redis.c, sends_when_down), each
 -- waiting its timeout: a frozen server runs them as it thaws, after what they follow.
--- A write the store did not take (a settle, a ledger row, a release, a once result) is tried
--- again while the program runs, however long the outage (a gateway's settles given up a minute
--- into a Redis restart were costs lost from the ledger, their holds counting to their end), and
--- for RETRY_FOR once it ends (its main task ended, a stop asked): a script that ends in an outage
--- waits that long, then says what it could not write. At most LATER_MAX rows wait (costs.lua):
--- past it a call writes its own row, and waits.
 local RETRY_FOR = 60
-local ending = private.ending
 local sends_when_down = setmetatable({}, { __mode = "k" })
 debug.getregistry()["resil.redis.sends_when_down"] = sends_when_down
 local sending_ended = { __close = function(o) sends_when_down[o.co] = nil end }
 local function retry_write(write)
-  local pause, deadline = 0.05, nil
+  local pause, deadline = 0.05, mono() + RETRY_FOR
   local ok, err
   local co = coroutine.running()
   sends_when_down[co] = true
@@ -766,8 +759,7 @@ local function retry_write(write)
     sleep(pause)
     pause = math.min(pause * 2, 2)
     ok, err = write()
-    if not deadline and ending() then deadline = mono() + RETRY_FOR end
-  until ok ~= nil or deadline and mono() + pause > deadline
+  until ok ~= nil or mono() + pause > deadline
   return ok, err
 end
 
