@@ -451,9 +451,13 @@ function classify.outcome(res, err, opts, req)
     if match(res, body) then
       -- (with a job or speech provider's `detail`: "402 replicate_insufficient_credit" alone left
       -- unsaid what the provider said to do; a chat provider's says it in error.message: "400
-      -- model_not_found" alone named no model)
+      -- model_not_found" alone named no model, "429 anthropic_rate_limit" no limit, "529
+      -- anthropic_overloaded" nothing a gateway's client could read)
       local said = detail_said(body)
-      if said == nil and rule.name == "model_not_found" then said = error_field(body, "message") end
+      if said == nil then
+        said = error_field(body, "message")
+        if type(said) == "string" and said == "" then said = nil end
+      end
       said = type(said) == "string" and said:sub(1, 300) or nil
       v = verdict_of(rule.verdict, ("%d %s%s"):format(status, rule.name, said and (": " .. said) or ""), status, nil,
         retry_after)

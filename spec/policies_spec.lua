@@ -61,6 +61,19 @@ describe("policies.classify", function()
     end)
   end
 
+  -- (found by helper H2: only model_not_found's message was kept; a gateway's client read "429
+  -- anthropic_rate_limit" and no word of which limit, or when)
+  it("says the provider's own message after a rule's name", function()
+    local json = resil.json
+    local limit = json.encode({ type = "error", error = { type = "rate_limit_error",
+      message = "Number of request tokens has exceeded your per-minute rate limit" } })
+    local v = classify.outcome(response(429, limit, { ["retry-after"] = "3" }))
+    assert.are.equal("429 anthropic_rate_limit: Number of request tokens has exceeded your per-minute rate limit",
+      v.reason)
+    v = classify.outcome(response(529, json.encode({ type = "error", error = { type = "overloaded_error", message = "" } })))
+    assert.are.equal("529 anthropic_overloaded", v.reason) -- (an empty one says nothing)
+  end)
+
   it("treats a 2xx as success, and a 2xx that fails its validator as a retryable invalid_output", function()
     assert.is_nil(classify.outcome(response(200, "{}")))
     local v = classify.outcome(response(200, "<html>oops"), nil, { validate = "chat" })
