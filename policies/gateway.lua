@@ -996,8 +996,11 @@ function Permits:hand_over(task)
   if self.total then self.total:hand_over(task) end
 end
 Permits.__close = Permits.release
-local function nothing() end
-local NO_PERMITS = setmetatable({}, { __close = nothing, __index = { release = nothing, hand_over = nothing } })
+local NO_PERMITS
+do -- (its function a block's local: the main chunk's 200 locals are a project copy's to use too)
+  local function nothing() end
+  NO_PERMITS = setmetatable({}, { __close = nothing, __index = { release = nothing, hand_over = nothing } })
+end
 
 -- One semaphore for the gateway and one per key, by name: a changed limit resizes it, so the
 -- permits in use count against the new size (a new semaphore per size let the old one's holders
@@ -1415,7 +1418,11 @@ end
 -- answer's events, or the failure as an error event (its status was sent). A failure sooner
 -- keeps its own status, as before.
 TUNED.KEEPALIVE_AFTER, TUNED.KEEPALIVE_EVERY = 15, 15
-local function whole_stream(s, api, id, b, headers, reader, req)
+-- relayed(first, headers): a relayed stream whose first delta had not come within KEEPALIVE_AFTER
+-- (a reasoning model's thinking): kept alive the same way, then relayed as it comes (its headers
+-- gone before its provider, model and attempts were known: its access line says them; a failure
+-- meanwhile, every retry and fallback spent, is its error event, no end marker, which SDKs raise)
+local function whole_stream(s, api, id, b, headers, reader, req, relayed)
   return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
     local _ <close> = s
     if reader then
@@ -1434,6 +1441,7 @@ local function whole_stream(s, api, id, b, headers, reader, req)
       local t = s.target or {}
       access.served(req, t.provider, t.model, s.attempts or 1)
       access.upstream(req, s.provider_request_id)
+      if relayed then return relayed(first, headers).stream(write) end
     end
     while true do
       local delta, err = safely(s, "next")
@@ -1446,33 +1454,6 @@ local function whole_stream(s, api, id, b, headers, reader, req)
     local whole = api == "anthropic" and anthropic_answer_stream(res, id, b.model, headers)
       or openai_answer_stream(res, id, b.model, b, headers)
     whole.stream(write)
-  end }
-end
-
--- A relayed stream whose first delta has not come within KEEPALIVE_AFTER: its reply starts, a
--- comment line every KEEPALIVE_EVERY (as whole_stream's) until `reader` has it, then the stream
--- as relayed (relayed(first, headers)). Its provider, model and attempts are in its access line,
--- its headers having gone before they were known; a failure meanwhile (every retry and fallback
--- spent) is its error event, with no end marker, which the SDKs raise.
-local function waiting_stream(s, api, headers, reader, req, relayed)
-  return { status = 200, headers = headers, cut = stream_error(api, CUT_MESSAGE, "gateway_stopping"), stream = function(write)
-    local _ <close> = s
-    local _ <close> = setmetatable({}, { __close = function() reader:cancel() end }) -- (its client gone)
-    local done, opened, first, err
-    repeat
-      done, opened, first, err = reader:join(TUNED.KEEPALIVE_EVERY)
-      if done == nil then write(": keep-alive\n\n") end
-    until done ~= nil
-    if not done then error(opened, 0) end -- (the reader itself failed: the host's caps)
-    if not opened then
-      resil.log.warn("gateway: a stream could not be opened", { error = tostring(first) })
-      return write(broken(api, UNREADABLE), true)
-    end
-    if err then return write(broken(api, err), true) end
-    local t = s.target or {}
-    access.served(req, t.provider, t.model, s.attempts or 1)
-    access.upstream(req, s.provider_request_id)
-    return relayed(first, headers).stream(write)
   end }
 end
 
@@ -1939,17 +1920,15 @@ function complete_admitted(req, api, id, rec, slot)
     end
     -- A first delta that takes long (read whole, the answer's end; relayed, a reasoning model's
     -- thinking or a long prompt's first token): past KEEPALIVE_AFTER the reply starts and is kept
-    -- alive (whole_stream, waiting_stream). Silent, a proxy in front (nginx's proxy_read_timeout,
+    -- alive (whole_stream). Silent, a proxy in front (nginx's proxy_read_timeout,
     -- a load balancer's 60 s) cut the connection, and the stream, paid, was lost.
     reader = resil.spawn(pcall, s.next, s)
     local done, ok, delta, e = reader:join(TUNED.KEEPALIVE_AFTER)
     if done == nil then
       handed_over = true
       local headers = { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache", ["x-request-id"] = id }
-      if r.read_whole then
-        return correcting_stream(utf8_stream(whole_stream(s, api, id, b, headers, reader, req)), tpm, s)
-      end
-      return correcting_stream(utf8_stream(waiting_stream(s, api, headers, reader, req, relayed)), tpm, s)
+      return correcting_stream(utf8_stream(whole_stream(s, api, id, b, headers, reader, req,
+        not r.read_whole and relayed or nil)), tpm, s)
     end
     if not done then error(ok, 0) end -- (the reader itself failed: the host's caps)
     opened, first, err = ok, delta, e
