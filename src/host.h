@@ -391,9 +391,9 @@ sse_parser *sse_new(size_t max_event); /* NULL: out of memory */
 void sse_free(sse_parser *p);
 int sse_next(sse_parser *p, const char *bytes, size_t len, size_t *used, sse_event *ev);
 
-/* owners.c: the identities of the hosts open in this process (private.owner_opened, owner_is_open) */
+/* owners.c: the identities of the hosts open in this process (private.owner_opened, owner_state) */
 int resil_l_owner_opened(lua_State *L);
-int resil_l_owner_is_open(lua_State *L);
+int resil_l_owner_state(lua_State *L);
 void owners_close(resil_t *R);
 
 /* reload.c */

@@ -19,7 +19,12 @@ typedef struct open_owner {
   struct open_owner *next;
 } open_owner;
 
-static open_owner *open_owners;
+/* the hosts open, and those closed (the last CLOSED_KEPT): a host of this process that is neither
+ * is one of another copy of the library (a plugin that links libresil.a beside a program that links
+ * libresil.so, each with its own list): alive as the process is, never taken over */
+#define CLOSED_KEPT 1024
+static open_owner *open_owners, *closed_owners;
+static int closed_count;
 static pthread_mutex_t open_owners_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* private.owner_opened(id): the host's identity, made at its first use; open until resil_close */
@@ -42,14 +47,21 @@ int resil_l_owner_opened(lua_State *L) {
   return 0;
 }
 
-/* private.owner_is_open(id) -> whether a host of this process with that identity is open */
-int resil_l_owner_is_open(lua_State *L) {
+static int listed(const open_owner *o, const char *id) {
+  for (; o; o = o->next)
+    if (strcmp(o->id, id) == 0) return 1;
+  return 0;
+}
+
+/* private.owner_state(id) -> "open" | "closed" (a host of this copy of the library with that
+ * identity) | nil (none of its: another copy's, or one closed long ago) */
+int resil_l_owner_state(lua_State *L) {
   const char *id = luaL_checkstring(L, 1);
-  int found = 0;
   pthread_mutex_lock(&open_owners_lock);
-  for (open_owner *o = open_owners; o && !found; o = o->next) found = strcmp(o->id, id) == 0;
+  const char *state = listed(open_owners, id) ? "open" : listed(closed_owners, id) ? "closed" : NULL;
   pthread_mutex_unlock(&open_owners_lock);
-  lua_pushboolean(L, found);
+  if (state) lua_pushstring(L, state);
+  else lua_pushnil(L);
   return 1;
 }
 
@@ -61,11 +73,21 @@ void owners_close(resil_t *R) {
     if ((*at)->id == R->owner_id) {
       open_owner *o = *at;
       *at = o->next;
-      free(o);
+      o->next = closed_owners; /* (its id with it: R's copy is let go below) */
+      closed_owners = o;
+      R->owner_id = NULL;
+      if (++closed_count > CLOSED_KEPT) { /* the oldest let go */
+        open_owner **last = &closed_owners;
+        while ((*last)->next) last = &(*last)->next;
+        free((*last)->id);
+        free(*last);
+        *last = NULL;
+        closed_count--;
+      }
       break;
     }
   }
   pthread_mutex_unlock(&open_owners_lock);
-  free(R->owner_id);
+  free(R->owner_id); /* (NULL once kept among the closed) */
   R->owner_id = NULL;
 }

@@ -499,8 +499,8 @@ static void make_private(lua_State *L) {
   lua_setfield(L, -2, "plain_file");
   lua_pushcfunction(L, resil_l_owner_opened);
   lua_setfield(L, -2, "owner_opened");
-  lua_pushcfunction(L, resil_l_owner_is_open);
-  lua_setfield(L, -2, "owner_is_open");
+  lua_pushcfunction(L, resil_l_owner_state);
+  lua_setfield(L, -2, "owner_state");
   lua_getfield(L, -2, "redis");
   lua_getfield(L, -1, "connect");
   lua_pushvalue(L, -1);

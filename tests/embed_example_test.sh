@@ -53,6 +53,57 @@ status=$?
 ok $status "a plugin linked with libresil loads with dlopen"
 [ $status -eq 0 ] || sed 's/^/# /' "$tmp/plugin.log"
 
+# Two plugins in one process, each with libresil.a linked in: two copies of the library, each with
+# its own list of the hosts it opened (src/owners.c). A host open in one copy was judged dead by the
+# other (its pid this process's, not in that copy's list), which could take its once keys, budget
+# holds and run over; one the other copy never opened is alive as the process is.
+cat > "$tmp/twin.c" <<'TWIN'
+#include <stdio.h>
+#include <resil.h>
+static resil_t *R;
+__attribute__((visibility("default"))) char *twin_call(const char *fn, const char *args, const char *db) {
+  if (!R) {
+    resil_options o = {0};
+    o.store = db;
+    R = resil_open(&o);
+    if (!R || resil_load_string(R, "local owner = require 'resil.owner'\n"
+        "function my_id() return {id = owner.me().id} end\n"
+        "function verdict(a) return {v = owner.verdict(a.id)} end", "twin") != RESIL_OK || resil_run(R) != RESIL_OK)
+      return NULL;
+  }
+  char *out = NULL;
+  return resil_call(R, fn, args, &out) == RESIL_OK ? out : NULL;
+}
+TWIN
+cat > "$tmp/twins.c" <<'TWINS'
+#include <dlfcn.h>
+#include <stdio.h>
+#include <string.h>
+typedef char *(*callf)(const char *, const char *, const char *);
+int main(int argc, char **argv) {
+  void *a = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL), *b = dlopen(argv[2], RTLD_NOW | RTLD_LOCAL);
+  if (!a || !b) { printf("%s\n", dlerror()); return 1; }
+  callf ca = (callf)dlsym(a, "twin_call"), cb = (callf)dlsym(b, "twin_call");
+  char *ida = ca("my_id", NULL, argv[3]);
+  const char *p = ida ? strstr(ida, "\"id\":\"") : NULL;
+  if (!p) { printf("no id: %s\n", ida ? ida : "(null)"); return 1; }
+  p += 6;
+  char args[512];
+  snprintf(args, sizeof args, "[{\"id\":\"%.*s\"}]", (int)(strchr(p, '"') - p), p);
+  char *v = cb("verdict", args, argv[3]);
+  printf("%s\n", v ? v : "(null)");
+  return v && strstr(v, "\"alive\"") ? 0 : 1;
+}
+TWINS
+twin_flags=$(pkg-config --cflags --libs resil-static)
+cc -shared -fPIC ${SAN_FLAGS:-} -o "$tmp/twin_a.so" "$tmp/twin.c" $twin_flags > "$tmp/twins.log" 2>&1 &&
+  cc -shared -fPIC ${SAN_FLAGS:-} -o "$tmp/twin_b.so" "$tmp/twin.c" $twin_flags >> "$tmp/twins.log" 2>&1 &&
+  cc ${SAN_FLAGS:-} -o "$tmp/twins" "$tmp/twins.c" -ldl >> "$tmp/twins.log" 2>&1 &&
+  "$tmp/twins" "$tmp/twin_a.so" "$tmp/twin_b.so" "$tmp/twins.db" >> "$tmp/twins.log" 2>&1
+status=$?
+ok $status "two plugins each with libresil.a: a host open in one is alive to the other"
+[ $status -eq 0 ] || sed 's/^/# /' "$tmp/twins.log"
+
 # ...and is unloaded with dlclose (a server's module at a graceful restart, a binding let go): the
 # handlers the host set for SIGPIPE and SIGURG stay the process's, so libresil must stay mapped (it
 # was unmapped with them: the program's next write to a peer that left, SIGPIPE, was a segfault)

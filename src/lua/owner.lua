@@ -108,8 +108,9 @@ function M.verdict(id)
   local o = M.parse(id)
   if not o then return nil end
   if not self.checks or o.host ~= self.host or o.boot ~= self.boot then return "remote" end
-  -- (another host of this process: alive while it is open, its pid running or not)
-  if o.pid == self.pid and o.start == self.start then return private.owner_is_open(id) and "alive" or "dead" end
+  -- (another host of this process: dead once closed, its pid running or not; one this copy of the
+  -- library never opened, another copy's, is alive as the process is)
+  if o.pid == self.pid and o.start == self.start then return private.owner_state(id) == "closed" and "dead" or "alive" end
   return start_of(o.pid) == o.start and "alive" or "dead"
 end
 
