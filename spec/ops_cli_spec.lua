@@ -163,6 +163,12 @@ describe("resil-lua costs and budgets, as an operator reads them", function()
     assert.are.equal(0, r.code, r.stderr)
     assert.matches("^<!DOCTYPE html>.*</html>\n$", r.stdout)
     assert.are.equal(1, helpers.run(("test -e %s/-"):format(dir)).code)
+    -- (reviewer R2: it opened /dev/stdout again, which truncated a file appended to with >>)
+    local appended = dir .. "/appended.log"
+    os.execute(("echo PREVIOUS > %s"):format(appended))
+    r = helpers.run(("(%s runs show nightly --html - --store %s >> %s)"):format(helpers.resil, db, appended))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("^PREVIOUS\n<!DOCTYPE html>.*</html>\n$", helpers.slurp(appended))
   end)
 
   it("costs --csv (and the other commands) whose output cannot be written (a full disk: /dev/full) exit 1, " ..

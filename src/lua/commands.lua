@@ -263,8 +263,9 @@ local function runs_show(s, args)
   local html
   if args[3] == "--html" then html = args[4] or fail("runs show: --html needs a file name") end
   local extra = args[html and 5 or 3]
-  -- (`--html -`, as tools take it, made a file named '-' in the working directory and said "wrote -")
-  if html == "-" then html = "/dev/stdout" end
+  -- (`--html -`, as tools take it, made a file named '-' in the working directory and said "wrote -";
+  -- it is the standard output itself, not /dev/stdout opened again: that truncated a file the
+  -- output was appended to with >>, and failed on a socket)
   if extra then fail("runs show: unknown argument '%s' (runs show ID [--html FILE])", extra) end
   local report = run_report(s, id) or fail("runs show: no steps recorded for run '%s'%s", id, runs_named_after(s, id))
   local run = report.run
@@ -282,7 +283,7 @@ local function runs_show(s, args)
     resume_command(s, run) or nil
   if html then -- the page: src/lua/report.lua
     local ok, err = require("resil.report").write(html, report, need(backend_of[s]:cost_rows({ run = id })), resume)
-    if not ok then fail("runs show: cannot write %s: %s", html, tostring(err)) end
+    if not ok then fail("runs show: cannot write %s: %s", html == "-" and "the standard output" or html, tostring(err)) end
     -- (not after a page written through /dev/stdout: the line went over the page's first bytes)
     if err then print(("wrote %s"):format(html)) end
     return

@@ -354,6 +354,12 @@ end
 -- would replace
 function M.write(path, report, ledger, resume)
   local html = M.render(report, ledger, resume)
+  if path == "-" then -- the standard output as it is (appended to, a pipe, a socket)
+    local ok, werr = io.stdout:write(html)
+    local flushed, ferr = io.stdout:flush()
+    if not (ok and flushed) then return nil, werr or ferr end
+    return true, false
+  end
   local tmp = plain_file(path) and path .. ".tmp" or path
   local fh, err = io.open(tmp, "wb")
   if not fh then return nil, err end
