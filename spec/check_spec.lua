@@ -335,6 +335,20 @@ return {
     assert.matches("\n1 error, ", "\n" .. r.stdout)
   end)
 
+  -- (reviewer R2: a find without GNU's -printf (busybox, BSD) listed nothing, and a broken policy
+  -- passed as "0 errors")
+  it("a folder find cannot list is an error, not an empty folder", function()
+    helpers.write(dir .. "/policies/bad.lua", "local x =\n")
+    local bin = dir .. "/bin"
+    os.execute("mkdir -p " .. bin)
+    helpers.write(bin .. "/find", '#!/bin/sh\nfor a in "$@"; do [ "$a" = -printf ] && { echo "find: unknown predicate" >&2; ' ..
+      'exit 1; }; done\nexec /usr/bin/find "$@"\n')
+    os.execute("chmod +x " .. bin .. "/find")
+    local r = helpers.run(("cd %s && PATH=%s:$PATH %s check"):format(dir, bin, helpers.resil))
+    assert.are_not.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("cannot list policies: find failed", r.stdout .. r.stderr, 1, true)
+  end)
+
   -- (before: find, as ls before it, read it as an option: nothing checked, "0 errors")
   -- (before: both passed, and `resil-lua gateway` refused to start: "policies.gateway has no function 'main'")
   it("a project's policies/gateway.lua without the functions the gateway calls (a config named so) is an error",

@@ -29,7 +29,11 @@ local function list_dir(dir)
     out[#out + 1] = path
     if entry:find("^[pscb]") then not_files[path] = true end
   end
-  p:close()
+  -- (a find that cannot list a folder that is there, one without GNU's -printf (busybox, BSD):
+  -- read as an empty folder, a project's broken policies passed as "0 errors")
+  if not p:close() and os.execute("test -d " .. quoted(dir)) then
+    error(("check: cannot list %s: find failed (GNU find's -printf is needed)"):format(dir), 0)
+  end
   table.sort(out)
   return out
 end
