@@ -27,6 +27,12 @@ static open_owner *open_owners, *closed_owners;
 static int closed_count;
 static pthread_mutex_t open_owners_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* a child of fork made while another thread held the lock would find it held for good (reviewer
+ * R2): the child's is made anew, its one thread holding nothing */
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static void lock_anew_in_child(void) { pthread_mutex_init(&open_owners_lock, NULL); }
+static void register_atfork(void) { pthread_atfork(NULL, NULL, lock_anew_in_child); }
+
 /* private.owner_opened(id): the host's identity, made at its first use; open until resil_close */
 int resil_l_owner_opened(lua_State *L) {
   const char *id = luaL_checkstring(L, 1);
@@ -39,6 +45,7 @@ int resil_l_owner_opened(lua_State *L) {
     return luaL_error(L, "not enough memory");
   }
   o->id = copy;
+  pthread_once(&atfork_once, register_atfork);
   pthread_mutex_lock(&open_owners_lock);
   o->next = open_owners;
   open_owners = o;
