@@ -78,6 +78,7 @@ TWIN
 cat > "$tmp/twins.c" <<'TWINS'
 #include <dlfcn.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 typedef char *(*callf)(const char *, const char *, const char *);
 int main(int argc, char **argv) {
@@ -90,9 +91,12 @@ int main(int argc, char **argv) {
   p += 6;
   char args[512];
   snprintf(args, sizeof args, "[{\"id\":\"%.*s\"}]", (int)(strchr(p, '"') - p), p);
+  free(ida); /* (resil_call's results are the caller's to free) */
   char *v = cb("verdict", args, argv[3]);
   printf("%s\n", v ? v : "(null)");
-  return v && strstr(v, "\"alive\"") ? 0 : 1;
+  int alive = v && strstr(v, "\"alive\"");
+  free(v);
+  return alive ? 0 : 1;
 }
 TWINS
 twin_flags=$(pkg-config --cflags --libs resil-static)
