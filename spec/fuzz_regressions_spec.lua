@@ -99,4 +99,24 @@ describe("a response without a valid status line (http_fuzz)", function()
     assert.is_nil(res)
     assert.are.equal("protocol", err.kind)
   end)
+
+  -- (found by make check's fuzz smoke, forty-first session: "HTTP/204200" was read as status 4200)
+  it("nor one whose status has more than three digits, whole or streamed", function()
+    local reply = "HTTP/204200\155\7m\r\ndata: a\":0}'7\n\n\r"
+    local s = resil.server.listen({ handler = function() return { action = "raw", body = reply } end })
+    local url = ("http://127.0.0.1:%d/"):format(s:port())
+    local res, err = resil.http.request({ url = url })
+    assert.is_nil(res, res and res.status)
+    assert.are.equal("protocol", err.kind)
+    local st, serr = resil.http.stream({ url = url })
+    if st then
+      local ev, rerr = st:read_event()
+      st:close()
+      assert.is_nil(ev)
+      assert.are.equal("protocol", rerr and rerr.kind, "a stream's status " .. tostring(st.status))
+    else
+      assert.are.equal("protocol", serr.kind)
+    end
+    s:close()
+  end)
 end)

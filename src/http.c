@@ -503,8 +503,11 @@ void request_finish(http_req *r, CURLcode result, abort_reason why) {
     note_http_version(r);
     /* libcurl 7.88 ends some answers without a status it could read
      * ("HTTP/200...") as a success with status 0: not a response */
-    if (result == CURLE_OK && r->status < 100) {
+    /* (and one past three digits, "HTTP/204200 ...", read as 4200: found by fuzz/http_fuzz.c) */
+    if ((result == CURLE_OK && (r->status < 100 || r->status > 999)) ||
+        (r->status_invalid && result == CURLE_WRITE_ERROR)) {
       result = CURLE_WEIRD_SERVER_REPLY;
+      r->status = 0;
       snprintf(r->errbuf, sizeof r->errbuf, "no valid HTTP status line in the response");
     }
     if (r->trailers_too_large && result == CURLE_WRITE_ERROR) {
@@ -1423,6 +1426,10 @@ static size_t header_cb(char *data, size_t size, size_t n, void *userp) {
   } else if (blank) {
     long code = 0;
     curl_easy_getinfo(r->easy, CURLINFO_RESPONSE_CODE, &code);
+    if (code > 999) { /* (no valid status: the transfer ends, request_finish says so) */
+      r->status_invalid = 1;
+      return 0;
+    }
     if (code >= 200 && !redirect_followed(r, code)) {
       if (!r->headers_done && length_conflict(r)) {
         r->length_conflict = 1;

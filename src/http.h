@@ -78,6 +78,7 @@ struct http_req {
   int gz_raw;                /* its deflate body came without zlib's header: read as raw deflate */
   int decode_failed;         /* CURLE_BAD_CONTENT_ENCODING or CURLE_OUT_OF_MEMORY: why decoding stopped */
   int length_conflict;       /* the final response named two different Content-Lengths */
+  int status_invalid;        /* libcurl read a status past 999 ("HTTP/204200"): no response */
   size_t trailer_bytes;      /* the trailers read after its body (a chunked one's, h2's) */
   long long idle_sent;       /* body bytes sent when the idle timer last looked (idle_cb) */
   int trailers_too_large;    /* past MAX_TRAILER_BYTES: the transfer stopped */
