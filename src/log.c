@@ -108,61 +108,66 @@ static int is_sensitive(const char *key) {
  * it without end); its count is kept at [1]. */
 #define SENSITIVE_CACHED 2048
 static const char sensitive_cache_key = 0;
-static int is_sensitive_at(lua_State *L, int idx, int value) {
+/* L stack: -> the cache (made at first use) */
+static void push_sensitive_cache(lua_State *L) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &sensitive_cache_key) == LUA_TTABLE) return;
+  lua_pop(L, 1);
+  lua_createtable(L, 1, 64);
+  lua_pushvalue(L, -1);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &sensitive_cache_key);
+}
+/* is_sensitive of the string at idx, through the cache at cache */
+static int sensitive_code(lua_State *L, int cache, int idx) {
   idx = lua_absindex(L, idx);
-  value = lua_absindex(L, value);
-  int plain = lua_type(L, value) == LUA_TNUMBER || lua_type(L, value) == LUA_TBOOLEAN;
-  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &sensitive_cache_key) != LUA_TTABLE) {
-    lua_pop(L, 1);
-    lua_createtable(L, 1, 64);
-    lua_pushvalue(L, -1);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &sensitive_cache_key);
-  }
   lua_pushvalue(L, idx);
-  if (lua_rawget(L, -2) == LUA_TNUMBER) {
+  if (lua_rawget(L, cache) == LUA_TNUMBER) {
     int known = (int)lua_tointeger(L, -1);
-    lua_pop(L, 2);
-    return known == 1 || (known == 2 && !plain);
+    lua_pop(L, 1);
+    return known;
   }
   lua_pop(L, 1);
   int r = is_sensitive(lua_tostring(L, idx));
-  lua_Integer n = (lua_rawgeti(L, -1, 1), lua_tointeger(L, -1));
+  lua_Integer n = (lua_rawgeti(L, cache, 1), lua_tointeger(L, -1));
   lua_pop(L, 1);
   if (n < SENSITIVE_CACHED) {
     lua_pushvalue(L, idx);
     lua_pushinteger(L, r);
-    lua_rawset(L, -3);
+    lua_rawset(L, cache);
     lua_pushinteger(L, n + 1);
-    lua_rawseti(L, -2, 1);
+    lua_rawseti(L, cache, 1);
   }
+  return r;
+}
+static int is_sensitive_at(lua_State *L, int idx, int value) {
+  idx = lua_absindex(L, idx);
+  value = lua_absindex(L, value);
+  int plain = lua_type(L, value) == LUA_TNUMBER || lua_type(L, value) == LUA_TBOOLEAN;
+  push_sensitive_cache(L);
+  int r = sensitive_code(L, lua_gettop(L), idx);
   lua_pop(L, 1);
   return r == 1 || (r == 2 && !plain);
 }
 
-/* A line's field names as written (renamed if reserved, redacted, valid UTF-8) and whether their
- * values are redacted (is_sensitive), remembered per name in two tables of the registry: a line's
- * dozen names, each checked and redacted on every line, were a third of an access line. Made
- * again when the redacted secrets change (their count: they are only ever added) and once they
- * hold CLEAN_CACHED names (a client's own table of keys logged must not grow them without end);
- * the names table's count at [1], the secrets' count it was made with at [2]. A name longer than
- * CLEAN_CACHED_LEN is worked out each time. */
+/* A line's field names as written (renamed if reserved, redacted, valid UTF-8), remembered per
+ * name in a table of the registry: a line's dozen names, each checked and redacted on every line,
+ * were a third of an access line (whether a name's value is redacted: the cache above). Made again
+ * when the redacted secrets change (their count: they are only ever added) and once it holds
+ * CLEAN_CACHED names (a client's own table of keys logged must not grow it without end); its
+ * count at [1], the secrets' count it was made with at [2]. A name longer than CLEAN_CACHED_LEN
+ * is worked out each time. */
 #define CLEAN_CACHED 1024
 #define CLEAN_CACHED_LEN 128
-static const char names_cache_key = 0, codes_cache_key = 0;
+static const char names_cache_key = 0;
 static void redact_string(lua_State *L);
-/* L stack: -> the names table, the codes table */
-static void push_name_caches(lua_State *L) {
+/* L stack: -> the names table */
+static void push_names_cache(lua_State *L) {
   lua_Integer secrets = (lua_Integer)resil_from_lua(L)->nsecrets;
-  int kept = lua_rawgetp(L, LUA_REGISTRYINDEX, &names_cache_key) == LUA_TTABLE;
-  if (kept) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &names_cache_key) == LUA_TTABLE) {
     lua_rawgeti(L, -1, 1);
     lua_rawgeti(L, -2, 2);
-    kept = lua_tointeger(L, -1) == secrets && lua_tointeger(L, -2) < CLEAN_CACHED;
+    int kept = lua_tointeger(L, -1) == secrets && lua_tointeger(L, -2) < CLEAN_CACHED;
     lua_pop(L, 2);
-  }
-  if (kept) {
-    lua_rawgetp(L, LUA_REGISTRYINDEX, &codes_cache_key);
-    return;
+    if (kept) return;
   }
   lua_pop(L, 1);
   lua_createtable(L, 2, 64);
@@ -172,9 +177,6 @@ static void push_name_caches(lua_State *L) {
   lua_rawseti(L, -2, 2);
   lua_pushvalue(L, -1);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &names_cache_key);
-  lua_createtable(L, 0, 64);
-  lua_pushvalue(L, -1);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &codes_cache_key);
 }
 
 /* upvalues: 1 log state, 2 json encode (resil.json's: exact) */
@@ -528,12 +530,12 @@ static int field_count(lua_State *L, int src) {
  * that start with "_" (is_context) are left out: its own bookkeeping. */
 static void merge_into(lua_State *L, int src, int dst, int ctx, int is_context) {
   luaL_checkstack(L, 8, "log fields");
-  push_name_caches(L);
+  push_names_cache(L);
+  push_sensitive_cache(L);
   int names = lua_gettop(L) - 1, codes = names + 1;
   lua_pushnil(L);
   while (lua_next(L, src)) {
     /* L stack: key, value */
-    int code;
     const char *key = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
     if (key && is_context && key[0] == '_') { /* the context's own bookkeeping (a step's place in its run): not written */
       lua_pop(L, 1);
@@ -544,38 +546,31 @@ static void merge_into(lua_State *L, int src, int dst, int ctx, int is_context) 
       clash = lua_getfield(L, ctx, key) != LUA_TNIL;
       lua_pop(L, 1);
     }
+    int code;
     if (key && !clash) {
       lua_pushvalue(L, -2);
-      if (lua_rawget(L, names) == LUA_TSTRING) {
-        lua_pushvalue(L, -3);
-        lua_rawget(L, codes);
-        code = (int)lua_tointeger(L, -1);
-        lua_pop(L, 1);
-      } else {
+      if (lua_rawget(L, names) != LUA_TSTRING) {
         lua_pop(L, 1);
         if (is_reserved(key)) lua_pushfstring(L, "field_%s", key);
         else lua_pushvalue(L, -2);
-        code = is_sensitive(lua_tostring(L, -1));
         redact_string(L); /* a key can hold a secret too */
         if (lua_rawlen(L, -3) <= CLEAN_CACHED_LEN) {
           lua_pushvalue(L, -3);
           lua_pushvalue(L, -2);
           lua_rawset(L, names);
-          lua_pushvalue(L, -3);
-          lua_pushinteger(L, code);
-          lua_rawset(L, codes);
           lua_rawgeti(L, names, 1);
           lua_pushinteger(L, lua_tointeger(L, -1) + 1);
           lua_rawseti(L, names, 1);
           lua_pop(L, 1);
         }
       }
+      code = sensitive_code(L, codes, -3); /* (a reserved name's is its own: none is a credential's) */
     } else { /* a name the context has too, a number, or another value as its text: worked out each time */
       lua_pushvalue(L, -2);
       if (lua_type(L, -1) == LUA_TNUMBER) lua_tostring(L, -1); /* converts the copy, not the key next() needs */
       if (lua_type(L, -1) == LUA_TSTRING) {
         const char *name = lua_tostring(L, -1);
-        int renamed = is_reserved(name);
+        int renamed = clash; /* (a number's text may be the context's too) */
         if (!renamed && ctx) {
           renamed = lua_getfield(L, ctx, name) != LUA_TNIL;
           lua_pop(L, 1);
