@@ -739,11 +739,22 @@ end
 -- cannot hold what they would cost, and a fallback without one (a fine-tune nobody priced) refused
 -- every budgeted call of a primary that had one (kind "unpriced"), as a fallback's missing key does not
 local warned_unpriced = {}
--- targets with some left out -> the list for kept: a migration's side was drawn for the first
--- target, and counts what that target does (watched); with it left out, what serves is neither
--- side's as drawn, and the call counts for neither (reviewer R1: a migration from OpenAI with a
--- server tool in the call credited the old side with Anthropic's answers)
-local function left_out_first(targets, kept)
+-- targets less those left_out(t) gives the warn line's fields for (its message once per target:
+-- warned) -> the list to try. A migration's side was drawn for the first target, and counts what that target
+-- does (watched); with it left out, what serves is neither side's as drawn, and the call counts for
+-- neither (reviewer R1: a migration from OpenAI with a server tool in the call credited the old side
+-- with Anthropic's answers)
+local function targets_without(targets, left_out, warned, message)
+  local kept = { plan = targets.plan, deployments = targets.deployments }
+  for _, t in ipairs(targets) do
+    local fields = left_out(t)
+    if not fields then
+      kept[#kept + 1] = t
+    elseif not warned[t.name] then
+      warned[t.name] = true
+      resil.log.warn(message, fields)
+    end
+  end
   if kept[1] ~= targets[1] and targets.plan and targets.plan.migration then
     kept.plan = setmetatable({ migration = false }, { __index = targets.plan })
   end
@@ -751,19 +762,9 @@ local function left_out_first(targets, kept)
 end
 
 local function priced_targets(targets, unpriced)
-  local kept = { plan = targets.plan, deployments = targets.deployments }
-  for _, t in ipairs(targets) do
-    if unpriced[t] then
-      if not warned_unpriced[t.name] then
-        warned_unpriced[t.name] = true
-        resil.log.warn("ai: a fallback without a price is left out of budgeted calls: the budget cannot hold what " ..
-          "it would cost", { model = t.name, error = tostring(unpriced[t]) })
-      end
-    else
-      kept[#kept + 1] = t
-    end
-  end
-  return left_out_first(targets, kept)
+  return targets_without(targets, function(t)
+    return unpriced[t] and { model = t.name, error = tostring(unpriced[t]) } end, warned_unpriced,
+    "ai: a fallback without a price is left out of budgeted calls: the budget cannot hold what it would cost")
 end
 
 -- A request that names a provider's server-side tool (Anthropic's web_search_20250305,
@@ -785,17 +786,10 @@ local function serving_tools(targets, req)
   if #targets < 2 then return targets end
   local tool = server_tool_of(req.tools)
   if not tool then return targets end
-  local kept = { plan = targets.plan, deployments = targets.deployments }
-  for _, t in ipairs(targets) do
-    if t.adapter.server_tools then
-      kept[#kept + 1] = t
-    elseif not warned_server_tools[t.name] then
-      warned_server_tools[t.name] = true
-      resil.log.warn("ai: a target that cannot run a provider's server tool is left out of calls that name one",
-        { model = t.name, tool = tool:sub(1, 64) })
-    end
-  end
-  return #kept > 0 and left_out_first(targets, kept) or targets
+  local kept = targets_without(targets, function(t)
+    return not t.adapter.server_tools and { model = t.name, tool = tool:sub(1, 64) } end,
+    warned_server_tools, "ai: a target that cannot run a provider's server tool is left out of calls that name one")
+  return #kept > 0 and kept or targets
 end
 
 local function reserve(targets, req)
