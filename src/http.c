@@ -507,7 +507,7 @@ void request_finish(http_req *r, CURLcode result, abort_reason why) {
     if ((result == CURLE_OK && (r->status < 100 || r->status > 999)) ||
         (r->status_invalid && result == CURLE_WRITE_ERROR)) {
       result = CURLE_WEIRD_SERVER_REPLY;
-      r->status = 0;
+      if (r->status > 999) r->status = 0; /* (not said as the error's status either) */
       snprintf(r->errbuf, sizeof r->errbuf, "no valid HTTP status line in the response");
     }
     if (r->trailers_too_large && result == CURLE_WRITE_ERROR) {
