@@ -549,6 +549,42 @@ describe("gateway streams relayed: a first delta long in coming is kept alive", 
     end)
   end
 
+  -- (reviewer R2's cases: a client that leaves while the status went and the first delta has not,
+  -- the provider's 200 at 16 s, the client gone before it or after it, or a provider that hangs)
+  for _, case in ipairs({ { "openai", "openai/gpt-4o-mini" }, { "anthropic", CLAUDE } }) do
+    for _, leave_at in ipairs({ 15.7, 16.5 }) do
+      local api, model = case[1], case[2]
+      it(("a client that leaves at %s s, the 200 at 16 s: recorded once, no hold (%s client, %s)"):format(
+        leave_at, api, model), function()
+        local url, m, key = start({ strict = true, latency = 16, reply = ("word "):rep(50), stream_interval = 0.5 })
+        resil.clock.virtual()
+        finally(function() resil.clock.real() end)
+        local t0 = resil.now()
+        local s = open(url, key, api, { model = model })
+        resil.sleep(leave_at - (resil.now() - t0))
+        s:close()
+        assert.is_true(helpers.wait_until(function()
+          return rows() >= 1 and #assert(resil.budget("key:streams"):state()).holds == 0 end, 30))
+        assert.are.equal(1, rows())
+        assert.are.equal(1, m:stats().total)
+        settled()
+      end)
+    end
+  end
+
+  it("a client that leaves during the keep-alive from a provider that hangs: nothing recorded, no hold", function()
+    local url, _, key = start({ strict = true, faults = { { route = "chat", kind = "hang" } } })
+    resil.clock.virtual()
+    finally(function() resil.clock.real() end)
+    local t0 = resil.now()
+    local s = open(url, key, "openai", { model = "openai/gpt-4o-mini" })
+    resil.sleep(15.5 - (resil.now() - t0))
+    s:close()
+    resil.sleep(5)
+    assert.are.equal(0, rows())
+    settled()
+  end)
+
   it("ends with an error event, no end marker, when every attempt fails after its status went", function()
     local url, m, key = start({ strict = true, latency = 8, faults = { { route = "chat", probability = 1, status = 500 } } })
     resil.clock.virtual()
