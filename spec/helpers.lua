@@ -440,6 +440,20 @@ function helpers.rows_logged_lost(stderr)
   return named
 end
 
+-- the ledger writes a process's log says it kept in the ledger's journal (src/lua/journal.lua) ->
+-- sorted { "id usd", ... }
+function helpers.rows_logged_kept(stderr)
+  local named = {}
+  for line in stderr:gmatch("[^\n]+") do
+    if line:find("is kept in the ledger's journal", 1, true) then
+      local row = require("resil").json.decode(line)
+      named[#named + 1] = tostring(row.id or row.ticket) .. " " .. row.usd
+    end
+  end
+  table.sort(named)
+  return named
+end
+
 -- A shared library for LD_PRELOAD that sets a process's wall clock CLOCK_SKEW seconds off (another
 -- host's, not synchronised), or the seconds the file CLOCK_SKEW_FILE holds, read at each look (a
 -- clock stepped while the process runs): built with cc, -> its path

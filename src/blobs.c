@@ -17,6 +17,7 @@
   X(store, "src/lua/store.lua")               /* resil.store: URL, backends, kv */   \
   X(store_sqlite, "src/lua/store_sqlite.lua") /* the SQLite backend */               \
   X(store_redis, "src/lua/store_redis.lua")   /* the Redis backend */                \
+  X(journal, "src/lua/journal.lua")           /* ledger writes kept for the store */ \
   X(once, "src/lua/once.lua")                 /* resil.once */                       \
   X(runs, "src/lua/runs.lua")                 /* resil.step, resil.run */            \
   X(costs, "src/lua/costs.lua")               /* resil.cost */                       \

@@ -317,6 +317,7 @@ int watchdog_forward(resil_t *R, int what); /* off the loop's thread: its hooks 
 void watchdog_loop_thread(resil_t *R);       /* the calling thread runs the host now (loop_thread, loop_tid) */
 int watchdog_signal_unblock(void);          /* SIGURG reaches this thread while it runs the host -> 1 if it was blocked */
 void watchdog_signal_reblock(int blocked);  /* as it was, once the host is left */
+int luaopen_resil_journal(lua_State *L);  /* require "resil.core.journal": src/lua/journal.lua's files */
 int luaopen_resil_watchdog(lua_State *L); /* require "resil.core.watchdog" -> {unwatched = f} */
 /* A task's own SQLite statement (store_sqlite.c, db:read and db:now) is interrupted once the watchdog
  * stops the task: what its progress handler asks every WATCHDOG_SQL_STEPS of SQLite's VM, and the

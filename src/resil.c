@@ -425,6 +425,7 @@ static const struct {
   {"resil.core.metrics", luaopen_resil_metrics},
   {"resil.core.flat_json", luaopen_resil_flat_json},
   {"resil.core.watchdog", luaopen_resil_watchdog},
+  {"resil.core.journal", luaopen_resil_journal},
 };
 
 #define RESIL_TABLE_KEY "resil.module" /* the resil table, for the embedded modules' loaders */

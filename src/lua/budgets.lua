@@ -7,6 +7,7 @@ local S = require "resil.store"
 local owner = require "resil.owner"
 local store_now, store_or_fail = S.now, S.open
 local costs = require "resil.costs"
+local journal = require "resil.journal"
 local backend_of = private.backend_of -- (a store's backend: never on the store object, a script's)
 -- (taken now, before any script runs: these are handed a store's backend, and a script may replace
 -- what the resil table and resil.owner's and resil.costs' tables hold)
@@ -544,6 +545,12 @@ local function settle_later(ticket, entry, fields, sent)
     -- (at resil_close: once more, at once, if its store is open; kept once per ticket)
     function(failed)
       return costs.close_write(failed, ticket.store and backend_of[ticket.store], "budget_settle_now", ticket.id, entry)
+    end,
+    -- (past the minute, or at the end: in the ledger's journal, kept once per ticket too)
+    function()
+      local url = S.url()
+      return journal.keep(ticket.store and backend_of[ticket.store], { k = "settle", t = ticket.id, e = entry },
+        S.key(url), url)
     end)
 end
 

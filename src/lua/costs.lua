@@ -9,6 +9,7 @@ local owner = require "resil.owner"
 -- (the host's copies, taken at load: a script may replace what the resil table holds, its
 -- json.encode the units of every row its process records, its spawn the rows' retries)
 local json, spawn = private.json, resil.spawn
+local journal = require "resil.journal"
 -- a row's usual units (a flat object of names and whole numbers) as json.encode writes them, for a
 -- tenth of its instructions (src/flat_json.c); nil: json.encode's to write. ledger_row: the usual
 -- queued row (cost_row's), made in C; nil: cost_row's to check and make
@@ -272,6 +273,17 @@ local function say_lost(what, fields, why)
   fields.error = why
   resil.log.error(what .. " was not written before the process ended; its cost is not in the ledger", fields)
 end
+-- A write the store would not take, kept in the ledger's journal (src/lua/journal.lua) rather than
+-- dropped: keep() -> its file | nil (no key it could be written once by: said as before)
+local function say_kept(what, fields, path, why)
+  fields.error, fields.journal = why, path
+  resil.log.warn(what .. " is kept in the ledger's journal: it is written to the store when the store answers",
+    fields)
+end
+local function kept_or_lost(what, fields, why, keep)
+  local path = keep and keep()
+  if path then say_kept(what, fields, path, why) else say_lost(what, fields, why) end
+end
 local function say_unknown(what, fields)
   resil.log.error(what .. " may not have been written before the process ended: look for its id or ticket " ..
     "in the ledger before entering it", fields)
@@ -279,10 +291,16 @@ end
 -- (anchored in the registry: nothing else refers to it, and collected
 -- early its report would never be made)
 debug.getregistry()["resil.costs: rows lost at exit"] = setmetatable({}, { __gc = function()
+  journal.ending()
   for r in pairs(retrying) do
-    if r.attempting or r.sent then say_unknown(r.what, r.fields)
-    else say_lost(r.what, r.fields, r.close_error and tostring(r.close_error) or "the store was still unavailable") end
+    local why = r.close_error and tostring(r.close_error) or "the store was still unavailable"
+    -- (a keyed write is kept even if its attempt may have landed: the ledger has it once either way)
+    local path = r.keep and r.keep(r.attempting or r.sent)
+    if path then say_kept(r.what, r.fields, path, why)
+    elseif r.attempting or r.sent then say_unknown(r.what, r.fields)
+    else say_lost(r.what, r.fields, why) end
   end
+  journal.close()
 end })
 
 -- At resil_close: backend[method](backend, ...) at once (SQLite's cost_record_now, budget_settle_now;
@@ -301,9 +319,30 @@ end
 -- hand would count it twice).
 -- write_now(failed, maybe_landed) -> true once written at once (resil_close, below) | false, err | nil:
 -- not tried (a write that may have landed, an attempt out or sent, without a key: it would be twice)
-local function retry_later(what, write, counts, fields, log_fields, sent, write_now)
+local unkeyed = 0
+local function own_key(backend, entry, always)
+  if entry.dedupe ~= nil or not always and backend.kind ~= "redis" then return end
+  unkeyed = unkeyed + 1
+  entry.dedupe = ("row:%s:%d"):format(owner.me().tag, unkeyed)
+end
+
+-- A row's keep (retry_later) for its store's journal: keyed first, with a key of its own if it has
+-- none and cannot have landed (one that may have, without a key, would be in the ledger twice).
+-- store(): its backend, if one was opened (else the default store's journal).
+local function row_keeper(entry, store)
+  return function(maybe_landed)
+    if entry.dedupe == nil and maybe_landed then return nil end
+    own_key(nil, entry, true)
+    local url = S.url()
+    return journal.keep(store and store(), { k = "row", e = entry }, S.key(url), url)
+  end
+end
+
+-- keep(maybe_landed) -> the journal's file it is kept in | nil (one without a key that may have
+-- landed, or the journal unwritable): past the minute, or as the process ends.
+local function retry_later(what, write, counts, fields, log_fields, sent, write_now, keep)
   unwritten = unwritten + 1
-  local pending = { what = what, fields = log_fields, sent = sent or nil, write_now = write_now }
+  local pending = { what = what, fields = log_fields, sent = sent or nil, write_now = write_now, keep = keep }
   retrying[pending] = true
   local function attempt()
     pending.attempting = true
@@ -316,7 +355,10 @@ local function retry_later(what, write, counts, fields, log_fields, sent, write_
     local _ <close> = setmetatable(pending, retry_ended) -- however it ends
     local ok, err = S.retry_write(attempt)
     if counts(ok) then observe_cost(fields, fields.units) end
-    if ok == nil then
+    local path = ok == nil and keep and keep(pending.sent)
+    if path then
+      say_kept(what, log_fields, path, tostring(err))
+    elseif ok == nil then
       log_fields.error = tostring(err)
       if pending.sent then
         resil.log.error(what .. " may not have been written: look for its id or ticket in the ledger before " ..
@@ -345,13 +387,21 @@ local function write_later(backend, name, fields, log_fields, a, b)
       if ok and (row or seen.usd > 0) then observe_cost(seen, seen.units) end
     elseif resil.is_error(err) and err.kind == "store_unavailable" and err.closing then
       -- the store closed with it unwritten (another process held the write lock): said row by row
-      say_lost(row and "a cost row" or "a settle", log_fields, tostring(err))
+      kept_or_lost(row and "a cost row" or "a settle", log_fields, tostring(err),
+      row and row_keeper(a, function() return backend end) or function()
+        local url = S.url()
+        return journal.keep(backend, { k = "settle", t = a, e = b }, S.key(url), url)
+      end)
     elseif resil.is_error(err) and err.kind == "store_unavailable" then
       retry_later(row and "a cost row" or "a settle", function() return backend[name](backend, a, b) end,
         function(written) return written and (row or seen.usd > 0) end, seen, log_fields, err.sent,
         function(failed, maybe_landed)
           if maybe_landed and row and a.dedupe == nil then return nil end
           return close_write(failed, backend, name .. "_now", a, b)
+        end,
+        row and row_keeper(a, function() return backend end) or function()
+          local url = S.url()
+          return journal.keep(backend, { k = "settle", t = a, e = b }, S.key(url), url)
         end)
     else
       log_fields.error = tostring(err)
@@ -382,7 +432,7 @@ local function row_failed(err, row)
   unwritten = unwritten - 1
   local log_fields = { provider = row[4], model = row[5], usd = row[16], id = row[1] }
   if resil.is_error(err) and err.kind == "store_unavailable" and err.closing then
-    say_lost("a cost row", log_fields, tostring(err))
+    kept_or_lost("a cost row", log_fields, tostring(err), row_keeper(row_entry(row), function() return queued_on end))
   elseif resil.is_error(err) and err.kind == "store_unavailable" then
     local entry, backend = row_entry(row), queued_on
     retry_later("a cost row", function()
@@ -393,7 +443,7 @@ local function row_failed(err, row)
       function(failed, maybe_landed)
         if maybe_landed and entry.dedupe == nil then return nil end
         return close_write(failed, backend, "cost_record_now", entry)
-      end)
+      end, row_keeper(entry, function() return backend end))
   else
     log_fields.error = tostring(err)
     resil.log.error("the ledger refused a row; its cost is not in it", log_fields)
@@ -418,12 +468,6 @@ end
 -- and the caller gets nil, err with err.retrying = true (it must not write
 -- the row itself again); without it the caller decides, and a waited-for
 -- row the store refused was dropped (ledger_wait = true in the gateway).
-local unkeyed = 0
-local function own_key(backend, entry, always)
-  if entry.dedupe ~= nil or not always and backend.kind ~= "redis" then return end
-  unkeyed = unkeyed + 1
-  entry.dedupe = ("row:%s:%d"):format(owner.me().tag, unkeyed)
-end
 
 -- A paid call's row the store could not take now (not open yet, or refused
 -- as unavailable): tried again for a minute, the store asked for at each try
@@ -441,7 +485,7 @@ local function record_later(e, entry, err, backend)
     function(failed, maybe_landed)
       if maybe_landed and entry.dedupe == nil then return nil end
       return close_write(failed, backend, "cost_record_now", entry)
-    end)
+    end, row_keeper(entry, function() return backend end))
 end
 
 -- (a paid call's row whose caller was canceled while the store had it: a
@@ -529,6 +573,7 @@ end
 -- resil_close (embed_give_up): the rows in flight above, written at once (SQLite), or said lost; a
 -- Redis command sent has reached the server or not: said to look for. -> true | nil, err (the first)
 debug.getregistry()["resil.costs.close"] = function()
+  journal.ending()
   local first, failed = nil, {}
   for entry, s in pairs(recording) do
     recording[entry] = nil
@@ -538,9 +583,11 @@ debug.getregistry()["resil.costs.close"] = function()
     if b.cost_record_now then
       local err = S.at_close(failed, b, "cost_record_now", entry)
       first = first or err
-      if failed[b] then say_lost("a cost row", fields, tostring(err or first)) end
+      if failed[b] then kept_or_lost("a cost row", fields, tostring(err or first), row_keeper(entry, function() return b end)) end
     else
-      say_unknown("a cost row", fields)
+      local path = entry.dedupe ~= nil and row_keeper(entry, function() return b end)(true)
+      if path then say_kept("a cost row", fields, path, "its write was out as the process ended")
+      else say_unknown("a cost row", fields) end
     end
   end
   -- those the store refused, waiting for their next try (retry_later) as the process ends (its script

@@ -125,7 +125,7 @@ local SANDBOX_LEASE = { 5, 300 }
 -- the CLI's --run and --fresh and resil_options' run_id and fresh are set before it. A sandboxed
 -- script's store_config naming them named another pipeline's run on the store, its step results
 -- replayed or planted (run=), or wiped (fresh=).
-local HOST_FIELDS = { "run", "fresh", "script", "args", "script_path" }
+local HOST_FIELDS = { "run", "fresh", "script", "args", "script_path", "journal" }
 function private.store_config_host(c)
   for k, v in pairs(c) do config[k] = v end
   -- (a copy: the table is the script's arg, and the run's default id is made from it later)
@@ -161,7 +161,7 @@ function resil.store_config(c)
   end
   -- (what names the store and the run, checked here: a table or a number raised later inside the
   -- host, "[resil store]:67: attempt to index a number value", at the store's open or the first step)
-  for _, k in ipairs({ "url", "run", "script", "script_path" }) do
+  for _, k in ipairs({ "url", "run", "script", "script_path", "journal" }) do
     local v = c[k]
     if v ~= nil and v ~= false and type(v) ~= "string" and not (k == "run" and type(v) == "number") then
       error(("resil.store_config: %s must be a string, not a %s"):format(k, type(v)), 2)
@@ -348,6 +348,8 @@ local function open_store(url, key, opts)
   if not backend then return nil, err end
   local s = setmetatable({ url = url, kind = backend.kind }, Store)
   backend_of[s] = backend
+  -- (writes a process before this one kept for it, written to it soon: src/lua/journal.lua)
+  require("resil.journal").opened(backend, key, url)
   opened[key] = s
   opened[url] = s
   return s
@@ -797,6 +799,7 @@ return {
   open = store_or_fail,
   open_for_retry = store_for_retry,
   url = default_url,
+  key = store_key,
   open_or_raise = store_or_raise,
   encode_values = encode_values,
   decode_values = decode_values,

@@ -1,0 +1,250 @@
+-- The ledger's journal (src/lua/journal.lua, src/journal.c): cost rows and budget settles the
+-- store would not take for longer than the retry's minute, or still unwritten as the process
+-- ended, are kept in a file and written to the store when it answers, once. Before, each was a
+-- line in the log ("its cost is not in the ledger") and a paid call missing from the ledger and
+-- its budget. A real redis-server, stopped, frozen and started again on its port; real SQLite
+-- files, their write lock held by another process; real processes.
+local resil = require "resil"
+local helpers = require "spec.helpers"
+
+local port, pid, dir
+
+local function start_redis()
+  local pidfile = dir .. "/redis.pid"
+  os.remove(pidfile) -- (one a server killed with -9 left)
+  os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s --daemonize yes " ..
+              "--pidfile %s --databases 64 --logfile %s/redis.log > /dev/null"):format(port, dir, pidfile, dir))
+  assert(helpers.wait_until(function() return helpers.slurp(pidfile):match("%d+") ~= nil end, 10),
+    helpers.slurp(dir .. "/redis.log"))
+  pid = helpers.slurp(pidfile):match("%d+")
+  assert(helpers.wait_until(function()
+    return os.execute(("redis-cli -p %d ping > /dev/null 2>&1"):format(port)) == true
+  end, 10))
+  os.remove(dir .. "/dump.rdb")
+end
+
+-- keep: its keys saved first, for the next start to load (a server restarted with its data)
+local function stop_redis(keep)
+  if pid and keep then os.execute(("redis-cli -p %d save > /dev/null"):format(port)) end
+  if not pid then return end
+  os.execute("kill -CONT " .. pid .. "; kill -9 " .. pid)
+  helpers.wait_until(function() return not helpers.alive(pid) end, 10)
+  os.remove(dir .. "/redis.pid")
+  pid = nil
+end
+
+local db_seq = 0
+local function fresh_url()
+  db_seq = db_seq + 1
+  return ("redis://127.0.0.1:%d/%d"):format(port, db_seq)
+end
+
+setup(function()
+  dir = helpers.tmpname("-journal-redis")
+  os.execute("mkdir -p " .. dir)
+  port = helpers.free_port()
+  start_redis()
+end)
+teardown(function()
+  stop_redis()
+  os.execute("rm -rf " .. dir)
+end)
+
+-- a journal folder of the test's own -> its path, and the files in it now
+local function new_folder()
+  local d = helpers.tmpname("-journal")
+  return d, function()
+    local names = {}
+    local p = io.popen("ls " .. d .. " 2>/dev/null")
+    for name in p:lines() do names[#names + 1] = name end
+    p:close()
+    return names
+  end
+end
+
+local function with_journal(folder)
+  return "RESIL_JOURNAL=" .. folder .. " "
+end
+
+-- the ledger of `url` as another process reads it, once what it is waiting for is there: -> calls, usd
+local function ledger(folder, url, calls)
+  local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "' --log-level off " ..
+    helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+for _ = 1, 200 do
+  local by = resil.cost.breakdown("provider")
+  -- (and the journal written: this process's replay runs in the background, cut if it ends first)
+  if by and by[1] and by[1].calls >= %d and os.execute("test -z \"$(ls %s)\"") then break end
+  resil.sleep(0.05)
+end
+local by = assert(resil.cost.breakdown("provider"))
+print(by[1] and by[1].calls or 0, ("%%.6f"):format(assert(resil.cost.total())))
+]]):format(calls, folder)))
+  assert.are.equal(0, r.code, r.stderr)
+  local n, usd = r.stdout:match("^(%d+)\t([%d.]+)")
+  return tonumber(n), usd
+end
+
+describe("the ledger's journal on Redis", function()
+  it("keeps the rows a process could not write before it ended, and the next process writes them, once",
+    function()
+      local folder, files = new_folder()
+      local url = fresh_url()
+      stop_redis()
+      local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "?timeout=0.1' " ..
+        helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+for i = 1, 3 do assert(resil.cost.record({ provider = "down", model = "m", usd = 0.25, id = "row-" .. i, wait = false })) end
+assert(resil.cost.record({ provider = "down", model = "m", usd = 0.5, wait = false })) -- (no id of its own)
+resil.sleep(0.2)
+os.exit(0)
+]]))
+      assert.are.equal(0, r.code, r.stderr)
+      -- (before: "a cost row was not written before the process ended; its cost is not in the ledger", four times)
+      assert.are.same({}, helpers.rows_logged_lost(r.stderr), r.stderr)
+      local _, kept = r.stderr:gsub("a cost row is kept in the ledger's journal", "")
+      assert.are.equal(4, kept, r.stderr)
+      assert.are.equal(1, #files(), r.stderr)
+      start_redis()
+      -- a process that opens the store writes them; a second one finds nothing left to write
+      assert.are.same({ 4, "1.250000" }, { ledger(folder, url, 4) })
+      assert.are.same({}, files())
+      assert.are.same({ 4, "1.250000" }, { ledger(folder, url, 5) })
+    end)
+
+  it("writes a row once that the frozen server ran as it thawed and the journal kept too", function()
+    local folder, files = new_folder()
+    local url = fresh_url()
+    assert.are.same({ 0, "0.000000" }, { ledger(folder, url, 0) }) -- (the connection's first use)
+    local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "?timeout=0.2' " ..
+      helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+assert(resil.store():set("warm", "1"))
+os.execute("kill -STOP %s")
+for i = 1, 2 do assert(resil.cost.record({ provider = "frozen", usd = 0.25, id = "sent-" .. i, wait = false })) end
+assert(resil.cost.record({ provider = "frozen", usd = 0.25, wait = false }))
+resil.sleep(0.6)
+os.exit(0)
+]]):format(pid)))
+    os.execute("kill -CONT " .. pid)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(1, #files(), r.stderr)
+    assert.are.same({ 3, "0.750000" }, { ledger(folder, url, 3) })
+    assert.are.same({}, files())
+    assert.are.same({ 3, "0.750000" }, { ledger(folder, url, 4) })
+  end)
+
+  it("keeps a budget's settle, and the spend counts once in the budget and the ledger", function()
+    local folder, files = new_folder()
+    local url = fresh_url()
+    local source = [[
+local resil = require "resil"
+local b = resil.budget("journaled", { limit = 10, per = "day" })
+if arg[1] == "spend" then
+  local t = assert(b:reserve(1))
+  os.execute(("redis-cli -p %d save > /dev/null; kill -9 %s"):format(...))
+  assert(t:settle(0.75, { provider = "p", model = "m", wait = false }))
+  resil.sleep(0.2)
+  os.exit(0)
+end
+for _ = 1, 200 do
+  if assert(b:state()).spent >= 0.75 then break end
+  resil.sleep(0.05)
+end
+local st = assert(b:state())
+print(("%.6f %.6f %.6f"):format(st.spent, st.reserved, resil.cost.total()))
+]]
+    local script = helpers.write(helpers.tmpname(".lua"), source:gsub("%.%.%.", ("%d, %s"):format(port, pid)))
+    local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "?timeout=0.1' " .. script ..
+      " spend")
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("a settle is kept in the ledger's journal", r.stderr, 1, true)
+    assert.are.equal(1, #files(), r.stderr)
+    pid = nil
+    start_redis() -- (with what it had saved: the hold, not the settle)
+    local again = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "' " .. script)
+    assert.are.equal(0, again.code, again.stderr)
+    assert.are.equal("0.750000 0.000000 0.750000\n", again.stdout, again.stderr)
+    assert.are.same({}, files())
+    local third = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "' " .. script)
+    assert.are.equal("0.750000 0.000000 0.750000\n", third.stdout, third.stderr)
+  end)
+
+  it("two processes that open the store at once write a journal's rows once", function()
+    local folder, files = new_folder()
+    local url = fresh_url()
+    stop_redis()
+    local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "?timeout=0.1' " ..
+      helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+for i = 1, 50 do assert(resil.cost.record({ provider = "two", usd = 0.01, id = "two-" .. i, wait = false })) end
+resil.sleep(0.2)
+os.exit(0)
+]]))
+    assert.are.equal(0, r.code, r.stderr)
+    start_redis()
+    local script = helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+resil.store()
+resil.sleep(1)
+]])
+    os.execute(("%s%s --store '%s' %s & %s%s --store '%s' %s; wait"):format(with_journal(folder), helpers.resil,
+      url, script, with_journal(folder), helpers.resil, url, script))
+    assert.are.same({ 50, "0.500000" }, { ledger(folder, url, 50) })
+    assert.are.same({}, files())
+  end)
+end)
+
+describe("the ledger's journal, in a process that goes on", function()
+  local journal_dir
+  before_each(function()
+    resil.clock.virtual()
+    journal_dir = helpers.tmpname("-journal")
+  end)
+  after_each(function() resil.store_config({ journal = false }) end)
+
+  -- Until cond() holds: the virtual clock moved on `step` seconds at a time (the retry's minute, the
+  -- journal's pauses), and some real time let pass for what the virtual clock does not move: another
+  -- process letting go of SQLite's lock, Redis's reconnection. -> whether it held
+  local function until_true(cond, step)
+    for _ = 1, 300 do
+      if cond() then return true end
+      resil.sleep(step)
+      os.execute("sleep 0.02")
+    end
+    return cond()
+  end
+  local function kept() return helpers.run("ls " .. journal_dir).stdout:match("%.jsonl") ~= nil end
+  local function ledger_has(provider, usd)
+    local by = resil.cost.breakdown("provider")
+    return by ~= nil and by[1] ~= nil and by[1].key == provider and by[1].calls == 1 and by[1].usd == usd
+      and not kept()
+  end
+
+  it("keeps a row the Redis store refused for longer than the minute, and writes it when Redis is back", function()
+    local url = fresh_url()
+    resil.store_config({ url = url .. "?timeout=0.1&down=0.05&down_max=0.1", journal = journal_dir })
+    assert(resil.store():set("warm", "1"))
+    stop_redis()
+    assert(resil.cost.record({ provider = "long", model = "m", usd = 0.5, id = "long-1", wait = false }))
+    -- (before: "a cost row could not be written; its cost is not in the ledger", after the minute)
+    assert.is_true(until_true(kept, 5))
+    start_redis()
+    assert.is_true(until_true(function() return ledger_has("long", 0.5) end, 5))
+  end)
+
+  it("keeps a row the SQLite store refused for longer than the minute (its lock held), and writes it after",
+    function()
+      local db = helpers.tmpname(".db")
+      resil.store_config({ url = db .. "?timeout=0.05", journal = journal_dir })
+      assert(resil.store():set("made", "1"))
+      local release = helpers.hold_write_lock(db)
+      local held = true
+      finally(function() if held then helpers.release_write_lock(release) end end)
+      assert(resil.cost.record({ provider = "locked", model = "m", usd = 0.25, wait = false }))
+      assert.is_true(until_true(kept, 5))
+      helpers.release_write_lock(release)
+      held = false
+      assert.is_true(until_true(function() return ledger_has("locked", 0.25) end, 5))
+    end)
+end)

@@ -1,0 +1,233 @@
+-- The ledger's journal: paid calls' cost rows and budget settles that the
+-- store would not take, kept in files until it does (src/journal.c has the
+-- files and their locks).
+--
+-- A write nobody waits for that the store refused is tried again for a
+-- minute (costs.lua, retry_later). A store down for longer (a Redis outage,
+-- SQLite's write lock held by another process), or a process that ends with
+-- such writes unwritten, lost them: a line in the log, and a paid call in
+-- neither the ledger nor its budget. Each is now a line in this process's
+-- journal file, in the folder RESIL_JOURNAL (by default .resil/journal,
+-- beside the default store), and written to the store when it answers: by
+-- this process, tried again from 5 s to once a minute for as long as it
+-- runs, or by the next process that opens the same store. Every write kept
+-- has a key (a row's id or its own, a settle's ticket), so a line written
+-- twice (a process killed between writing it and removing its file) is in
+-- the ledger once.
+local resil, private = ...
+local core = require "resil.core.journal"
+local owner = require "resil.owner"
+local json = private.json
+
+local FIRST_PAUSE, MOST_PAUSE = 5, 60
+
+local M = {}
+
+-- resil.store_config{ journal = folder }, or RESIL_JOURNAL, or .resil/journal
+local function folder()
+  local d = require("resil.store").config.journal or os.getenv("RESIL_JOURNAL")
+  return d ~= nil and d ~= "" and d or ".resil/journal"
+end
+
+-- A store's files are named by what it is (its key without a password):
+-- readable, then a hash of it, so that two stores whose names read alike
+-- never share files.
+local stores = {}                                     -- the store, bare -> its journal state
+local of_backend = setmetatable({}, { __mode = "k" }) -- backend -> its journal state
+-- (the store itself, not how it was asked for: no password, no ?timeout=)
+local seq = 0
+local function state_of(key, url)
+  local bare = key:gsub("//[^/]*@", "//"):gsub("%?.*$", "")
+  local st = stores[bare]
+  if st then return st end
+  st = { url = url, prefix = bare:gsub("^%a+://", ""):gsub("[^%w.-]", "_"):sub(-40) .. "-" ..
+           resil.crypto.sha256(bare):sub(1, 16) .. "." }
+  stores[bare] = st
+  return st
+end
+
+local function log_fields(w, path)
+  local e = w.e
+  return { provider = e.provider, model = e.model, usd = e.micro_usd and e.micro_usd / 1e6, id = e.dedupe,
+           ticket = w.t, journal = path }
+end
+
+-- One write, as src/lua/costs.lua and budgets.lua make it -> true (written) | false (there
+-- already) | nil, err
+local function write_one(backend, w)
+  if w.k == "row" then return backend:cost_record(w.e) end
+  return backend:budget_settle(w.t, w.e)
+end
+
+-- (JSON's numbers come back as floats: a micro-dollar amount must be an integer again, or Redis's
+-- INCRBY refuses "1234.0"; the time stays as it was)
+local function whole_numbers(e)
+  for k, v in pairs(e) do
+    if k ~= "at" and math.type(v) == "float" then e[k] = math.tointeger(v) or v end
+  end
+end
+
+local function is_write(w)
+  return type(w) == "table" and (w.k == "row" or w.k == "settle" and type(w.t) == "string")
+    and type(w.e) == "table" and type(w.e.dedupe) == "string"
+end
+
+-- the text appended to this process's file for the store (opened on first use) -> its path | nil, err
+local function append(st, text)
+  for _ = 1, 2 do
+    if not st.live then
+      seq = seq + 1
+      local path = ("%s/%s%s-%d.jsonl"):format(folder(), st.prefix, owner.me().tag, seq)
+      local f, err = core.open(path)
+      if not f then return nil, err end
+      st.live, st.path = f, path
+    end
+    local ok, done, err = pcall(st.live.append, st.live, text)
+    if ok and done then return st.path end
+    st.live = nil
+    if ok then return nil, err end -- (the disk full: said by the caller)
+    -- (closed under it: the process is ending and collected it first; a new file)
+  end
+  return nil, "the journal could not be written"
+end
+
+local drain
+local ending = false -- (resil_close, the process's end: no task is started any more)
+
+-- Kept: w = { k = "row", e = entry } | { k = "settle", t = ticket, e = entry } for the store
+-- whose backend is given (or the store with `key` and `url`, one never opened). The entry must have
+-- its key (dedupe). -> the file's path | nil, err
+function M.keep(backend, w, key, url)
+  local st = backend and of_backend[backend] or key and state_of(key, url)
+  if not st then return nil, "no store to keep it for" end
+  if not is_write(w) then return nil, "not a keyed ledger write" end
+  local ok, text = pcall(json.encode, w)
+  if not ok then return nil, text end
+  local path, err = append(st, text .. "\n")
+  if not path then return nil, err end
+  if ending then return path end
+  if not st.syncing and resil.running() then
+    -- (one sync for a burst: every write in flight fails at once when a store goes)
+    st.syncing = true
+    resil.background(function()
+      resil.sleep(0.05)
+      st.syncing = false
+      if st.live then st.live:sync() end
+    end)
+  end
+  if not st.draining then
+    st.draining = true
+    resil.background(drain, st)
+  end
+  return path
+end
+
+-- The files of the store no process holds, written to it: -> how many writes are left (kept again
+-- in this process's file for the next pass)
+local function replay(st)
+  local S = require "resil.store"
+  local s = private.store_open(st.url)
+  if not s then return 1 end
+  local backend = private.backend_of[s]
+  of_backend[backend] = st
+  -- (this process's own file too: closed, its lock let go, so that it is claimed with the others;
+  -- what is kept meanwhile goes to a new one)
+  if st.live then
+    st.live:close()
+    st.live = nil
+  end
+  local left = 0
+  for _, claim in ipairs(core.claim(folder(), st.prefix)) do
+    local path = claim:path()
+    local text, err = claim:read()
+    if not text then
+      resil.log.error("a ledger journal could not be read; its writes are not in the ledger yet",
+        { journal = path, error = err })
+      claim:release()
+      left = left + 1
+    else
+      local rest, down = {}, nil
+      for line in text:gmatch("[^\n]+") do
+        local ok, w = pcall(json.decode, line)
+        if ok and type(w) == "table" and type(w.e) == "table" then whole_numbers(w.e) end
+        if down then
+          rest[#rest + 1] = line
+        elseif not ok or not is_write(w) then
+          -- (the last line of a file cut by a power cut, or one written by hand)
+          resil.log.error("a line of a ledger journal that is not a ledger write was left out",
+            { journal = path, line = line:sub(1, 200) })
+        else
+          local written, werr = write_one(backend, w)
+          if written == nil and resil.is_error(werr) and werr.kind == "store_unavailable" then
+            down = werr
+            rest[#rest + 1] = line
+          elseif written == nil then
+            local f = log_fields(w, path)
+            f.error = tostring(werr)
+            resil.log.error("the ledger refused a write from its journal; its cost is not in it", f)
+          elseif written and (w.k == "row" or w.e.charged) then
+            local units = type(w.e.units) == "string" and json.decode(w.e.units) or nil
+            require("resil.costs").observe({ provider = w.e.provider, model = w.e.model,
+              usd = (w.e.micro_usd or 0) / 1e6, operation = w.e.operation }, type(units) == "table" and units or nil)
+          end
+        end
+      end
+      -- (kept again before the file goes: a process killed between the two writes them twice, once
+      -- in the ledger by their keys, never none)
+      local kept = true
+      if #rest > 0 then kept = append(st, table.concat(rest, "\n") .. "\n") ~= nil end
+      if kept then claim:done() else claim:release() end
+      left = left + #rest
+      if down then
+        resil.log.warn("the store is still unavailable: the ledger's journal is written to it later",
+          { journal = st.path, left = #rest, error = tostring(down) })
+      else
+        resil.log.info("a ledger journal was written to the store", { journal = path })
+      end
+    end
+  end
+  if st.live then st.live:sync() end
+  return left
+end
+
+-- Tried from 5 s to once a minute until nothing is left (one task a store at most)
+function drain(st, first)
+  local pause = first or FIRST_PAUSE
+  while true do
+    resil.sleep(pause)
+    local ok, left = pcall(replay, st)
+    if not ok then
+      resil.log.error("the ledger's journal could not be replayed", { error = tostring(left) })
+      left = 1
+    end
+    if left == 0 then break end
+    pause = math.min(pause * 2, MOST_PAUSE)
+  end
+  st.draining = false
+end
+
+-- A store opened (src/lua/store.lua): its journal files, kept by processes that ended (or by this
+-- one), are written to it soon after, in a task.
+function M.opened(backend, key, url)
+  local st = state_of(key, url)
+  of_backend[backend] = st
+  if not st.draining and core.any(folder(), st.prefix) then
+    st.draining = true
+    resil.background(drain, st, 0)
+  end
+end
+
+-- No task is started after this: what is kept from here on is synced at M.close
+function M.ending() ending = true end
+
+-- The files synced and closed (resil_close, the end of the process)
+function M.close()
+  for _, st in pairs(stores) do
+    if st.live then
+      pcall(st.live.close, st.live)
+      st.live = nil
+    end
+  end
+end
+
+return M
