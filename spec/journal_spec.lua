@@ -195,6 +195,42 @@ resil.sleep(1)
   end)
 end)
 
+describe("the ledger's journal on SQLite, written by hand or cut short", function()
+  it("writes its good lines, names each line that is not a ledger write, and leaves nothing behind", function()
+    local folder, files = new_folder()
+    local db = helpers.tmpname(".db")
+    assert.are.equal(0, helpers.run(helpers.resil .. " --store " .. db .. " -e 'require(\"resil\").store()'").code)
+    local release = helpers.hold_write_lock(db)
+    local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. db .. "?timeout=0.05' " ..
+      helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+assert(resil.cost.record({ provider = "hand", model = "m", usd = 0.25, id = "hand-1", wait = false }))
+resil.sleep(0.2)
+os.exit(0)
+]]))
+    helpers.release_write_lock(release)
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.same({ "hand-1 0.25" }, helpers.rows_logged_kept(r.stderr), r.stderr)
+    local name = assert(files()[1], r.stderr)
+    local f = assert(io.open(folder .. "/" .. name, "a"))
+    -- a line that is no JSON, one with a price that is not one, and the last cut by a power cut
+    f:write('not json\n{"k":"row","e":{"dedupe":"bad-1","micro_usd":"lots","at":1,"day":"x"}}\n{"k":"row","e":{"de')
+    f:close()
+    local again = helpers.run(with_journal(folder) .. helpers.resil .. " --store " .. db .. " " ..
+      helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+resil.store()
+resil.sleep(0.3)
+print(resil.cost.total())
+]]))
+    assert.are.equal(0, again.code, again.stderr)
+    assert.are.equal("0.25\n", again.stdout, again.stderr)
+    local _, named = again.stderr:gsub("a line of a ledger journal that is not a ledger write was left out", "")
+    assert.are.equal(3, named, again.stderr)
+    assert.are.same({}, files())
+  end)
+end)
+
 describe("the ledger's journal, in a process that goes on", function()
   local journal_dir
   before_each(function()

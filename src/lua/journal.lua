@@ -68,8 +68,10 @@ local function whole_numbers(e)
 end
 
 local function is_write(w)
-  return type(w) == "table" and (w.k == "row" or w.k == "settle" and type(w.t) == "string")
-    and type(w.e) == "table" and type(w.e.dedupe) == "string"
+  local e = type(w) == "table" and w.e
+  return type(e) == "table" and (w.k == "row" or w.k == "settle" and type(w.t) == "string")
+    and type(e.dedupe) == "string" and type(e.at) == "number" and type(e.day) == "string"
+    and (e.micro_usd == nil or math.type(e.micro_usd) == "integer" and e.micro_usd >= 0)
 end
 
 -- the text appended to this process's file for the store (opened on first use) -> its path | nil, err
@@ -157,7 +159,9 @@ local function replay(st)
           resil.log.error("a line of a ledger journal that is not a ledger write was left out",
             { journal = path, line = line:sub(1, 200) })
         else
-          local written, werr = write_one(backend, w)
+          -- (a line the backend raises on can never be written: said and left out, not tried forever)
+          local called, written, werr = pcall(write_one, backend, w)
+          if not called then written, werr = nil, written end
           if written == nil and resil.is_error(werr) and werr.kind == "store_unavailable" then
             down = werr
             rest[#rest + 1] = line
