@@ -15,7 +15,7 @@ describe("examples/prometheus/alerts.yml", function()
     local names = {}
     for name in rules:gmatch("%- alert: (%S+)") do names[#names + 1] = name end
     assert.are.same({ "ResilBreakerOpen", "ResilRetriesHigh", "ResilProviderErrorsAboveUsual", "ResilBudgetSoftLimit",
-                      "ResilSpendSpike", "ResilReloadFailing", "ResilStoreUnavailable" }, names)
+                      "ResilSpendSpike", "ResilReloadFailing", "ResilStoreUnavailable", "ResilLedgerJournalKept" }, names)
     assert.are.equal(#names, select(2, rules:gsub("\n%s+summary: ", "")))
     assert.are.equal(#names, select(2, rules:gsub("\n%s+runbook: ", "")))
   end)
@@ -50,7 +50,7 @@ describe("examples/prometheus/alerts.yml", function()
     end
     local check = helpers.run(("cd %s && promtool check rules alerts.yml"):format(dir))
     assert.are.equal(0, check.code, check.stdout .. check.stderr)
-    assert.matches("SUCCESS: 7 rules found", check.stdout .. check.stderr)
+    assert.matches("SUCCESS: 8 rules found", check.stdout .. check.stderr)
     local test = helpers.run(("cd %s && promtool test rules alerts_test.yml"):format(dir))
     assert.are.equal(0, test.code, test.stdout .. test.stderr)
     assert.matches("SUCCESS", test.stdout .. test.stderr)

@@ -21,6 +21,12 @@ local json = private.json
 
 local FIRST_PAUSE, MOST_PAUSE = 5, 60
 
+-- (what an operator alerts on: a write kept is a paid call not yet in the ledger or its budget)
+local kept_total = resil.metrics.counter("resil_ledger_journal_kept_total",
+  "Ledger writes (cost rows, budget settles) the store would not take, kept in the ledger's journal, by kind")
+local written_total = resil.metrics.counter("resil_ledger_journal_written_total",
+  "Ledger writes from the ledger's journal written to the store, by kind")
+
 local M = {}
 
 -- resil.store_config{ journal = folder }, or RESIL_JOURNAL, or .resil/journal
@@ -107,6 +113,7 @@ function M.keep(backend, w, key, url)
   if not ok then return nil, text end
   local path, err = append(st, text .. "\n")
   if not path then return nil, err end
+  kept_total:inc({ kind = w.k })
   if ending then return path end
   if not st.syncing and resil.running() then
     -- (one sync for a burst: every write in flight fails at once when a store goes)
@@ -169,8 +176,11 @@ local function replay(st)
             local f = log_fields(w, path)
             f.error = tostring(werr)
             resil.log.error("the ledger refused a write from its journal; its cost is not in it", f)
-          elseif written and (w.k == "row" or w.e.charged) then
-            local units = type(w.e.units) == "string" and json.decode(w.e.units) or nil
+          else
+            written_total:inc({ kind = w.k })
+          end
+          if written and (w.k == "row" or w.e.charged) then
+            local units = type(w.e.units) == "string" and select(2, pcall(json.decode, w.e.units)) or nil
             require("resil.costs").observe({ provider = w.e.provider, model = w.e.model,
               usd = (w.e.micro_usd or 0) / 1e6, operation = w.e.operation }, type(units) == "table" and units or nil)
           end
