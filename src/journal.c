@@ -77,7 +77,7 @@ static int l_open(lua_State *L) {
   int r = make_parents(dirs);
   free(dirs);
   if (r != 0) return fail(L, "cannot make the journal's folder for", path);
-  int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+  int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) return fail(L, "cannot open the journal", path);
   if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
     int e = errno;
@@ -164,7 +164,7 @@ static int l_claim(lua_State *L) {
     if (!is_journal(e->d_name, prefix, plen)) continue;
     lua_pushfstring(L, "%s/%s", dir, e->d_name);
     const char *path = lua_tostring(L, -1);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     struct stat st;
     /* held: its writer is alive (or another process is replaying it); no link left: replayed and
      * removed by another between the listing and the lock */
