@@ -170,6 +170,36 @@ print(("%.6f %.6f %.6f"):format(st.spent, st.reserved, resil.cost.total()))
     assert.are.equal("0.750000 0.000000 0.750000\n", third.stdout, third.stderr)
   end)
 
+  it("keeps a resil.once record a process could not write as it ended: the next caller replays it, not paying again",
+    function()
+      local folder, files = new_folder()
+      local url = fresh_url()
+      local first = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "?timeout=0.2' " ..
+        helpers.write(helpers.tmpname(".lua"), ([[
+local resil = require "resil"
+print(resil.once("order-42", function()
+  -- the store goes as the paid call ends: its claim saved, the record never written
+  os.execute("redis-cli -p %d save > /dev/null; kill -9 %s")
+  return "paid-1"
+end))
+os.exit(0)
+]]):format(port, pid)))
+      assert.are.equal(0, first.code, first.stderr)
+      assert.are.equal("paid-1\n", first.stdout)
+      assert.matches("once: the record is kept in the ledger's journal", first.stderr, 1, true)
+      pid = nil
+      start_redis() -- (with what it had saved: the claim of a process that is gone)
+      local again = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "' " ..
+        helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+print(resil.once("order-42", function() return "paid-2" end))
+]]))
+      assert.are.equal(0, again.code, again.stderr)
+      -- (before: "paid-2", the dead holder's key taken over and its fn run, and paid, again)
+      assert.are.equal("paid-1\n", again.stdout, again.stderr)
+      assert.are.same({}, files())
+    end)
+
   it("two processes that open the store at once write a journal's rows once", function()
     local folder, files = new_folder()
     local url = fresh_url()

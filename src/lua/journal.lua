@@ -54,6 +54,7 @@ end
 
 local function log_fields(w, path)
   local e = w.e
+  if w.k == "once" then return { key = w.t, journal = path } end
   return { provider = e.provider, model = e.model, usd = e.micro_usd and e.micro_usd / 1e6, id = e.dedupe,
            ticket = w.t, journal = path }
 end
@@ -62,7 +63,10 @@ end
 -- already) | nil, err
 local function write_one(backend, w)
   if w.k == "row" then return backend:cost_record(w.e) end
-  return backend:budget_settle(w.t, w.e)
+  if w.k == "settle" then return backend:budget_settle(w.t, w.e) end
+  -- (a once record: written only while its key is still the holder's, as once.lua's own write)
+  local e = w.e
+  return backend:once_finish(w.t, e.holder, e.result, e.retention, require("resil.store").now(), e.fingerprint)
 end
 
 -- (JSON's numbers come back as floats: a micro-dollar amount must be an integer again, or Redis's
@@ -75,6 +79,10 @@ end
 
 local function is_write(w)
   local e = type(w) == "table" and w.e
+  if type(e) == "table" and w.k == "once" then
+    return type(w.t) == "string" and type(e.holder) == "string" and type(e.result) == "string"
+      and type(e.retention) == "number" and (e.fingerprint == nil or type(e.fingerprint) == "string")
+  end
   return type(e) == "table" and (w.k == "row" or w.k == "settle" and type(w.t) == "string")
     and type(e.dedupe) == "string" and type(e.at) == "number" and type(e.day) == "string"
     and (e.micro_usd == nil or math.type(e.micro_usd) == "integer" and e.micro_usd >= 0)
@@ -179,7 +187,7 @@ local function replay(st)
           else
             written_total:inc({ kind = w.k })
           end
-          if written and (w.k == "row" or w.e.charged) then
+          if written and (w.k == "row" or w.k == "settle" and w.e.charged) then
             local units = type(w.e.units) == "string" and select(2, pcall(json.decode, w.e.units)) or nil
             require("resil.costs").observe({ provider = w.e.provider, model = w.e.model,
               usd = (w.e.micro_usd or 0) / 1e6, operation = w.e.operation }, type(units) == "table" and units or nil)
@@ -220,13 +228,22 @@ function drain(st, first)
   st.draining = false
 end
 
--- A store opened (src/lua/store.lua): its journal files, kept by processes that ended (or by this
--- one), are written to it soon after, in a task.
+-- A store opened (src/lua/store.lua): its journal files, kept by processes that ended, are written
+-- to it before the open returns when its caller is a task (its first once claim must find the
+-- record a dead holder kept, not run fn and pay again), else soon after in a task of their own.
 function M.opened(backend, key, url)
   local st = state_of(key, url)
   of_backend[backend] = st
-  if not st.draining and core.any(folder(), st.prefix) then
-    st.draining = true
+  if st.draining or not core.any(folder(), st.prefix) then return end
+  st.draining = true
+  if resil.running() and coroutine.isyieldable() then
+    local ok, left = pcall(replay, st)
+    if ok and left == 0 then
+      st.draining = false
+      return
+    end
+    resil.background(drain, st)
+  else
     resil.background(drain, st, 0)
   end
 end

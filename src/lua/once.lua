@@ -15,6 +15,7 @@ local encode_values, decode_values = S.encode_values, S.decode_values
 local pack, unpack = table.pack, table.unpack
 local getinfo = debug.getinfo -- (taken at load, as runs.lua does)
 local json = private.json
+local journal = require "resil.journal"
 
 local inflight = {} -- key -> the child task running fn in this process
 -- that task -> the fingerprint it runs fn with: a call with other arguments
@@ -63,7 +64,18 @@ local running_mt = { __close = function(r) if running[r[1]] == r then running[r[
 -- still names this process, alive, as running fn: every caller, here and in
 -- other processes, saw the key in progress for as long as this process
 -- lived. The write is retried until the store takes it (a minute at most);
--- callers in this process wait for that as for fn itself. -> the task
+-- callers in this process wait for that as for fn itself; a record still
+-- unwritten then is kept in the ledger's journal (src/lua/journal.lua), and
+-- written when the store answers, by this process or the next to open the
+-- store: it was written only if the key is still this holder's, so a key
+-- taken over meanwhile keeps its new holder's. -> the task
+-- record: { key, store, holder, result, retention, now, fingerprint } -> the journal's file | nil
+local function keep_record(s, record)
+  local url = S.url()
+  return journal.keep(backend_of[s], { k = "once", t = record[1], e = { holder = record[3], result = record[4],
+    retention = record[5], fingerprint = record[7] } }, S.key(url), url)
+end
+
 local function write_later(s, key, write, record)
   local token = "once-pending:" .. key -- renews our lease (another host must not take the key over)
   owner_keep(backend_of[s], token)
@@ -74,7 +86,11 @@ local function write_later(s, key, write, record)
     owner_drop(backend_of[s], token)
     if inflight[key] == task then inflight[key] = nil end
     if record and running[key] == record then running[key] = nil end
-    if ok == nil then
+    local path = ok == nil and record and keep_record(s, record)
+    if path then
+      resil.log.warn("once: the record is kept in the ledger's journal: it is written to the store when the " ..
+        "store answers", { key = key, error = tostring(err), journal = path })
+    elseif ok == nil then
       resil.log.error("once: the record could not be written; the key stays held until this process ends",
         { key = key, error = tostring(err) })
     end
@@ -456,8 +472,18 @@ debug.getregistry()["resil.once.close"] = function()
   for key, r in pairs(running) do
     local b = backend_of[r[2]]
     local err
-    if r[4] then err = S.at_close(failed, b, "once_finish_now", key, r[3], r[4], r[5], r[6], r[7])
-    else err = S.at_close(failed, b, "once_release_now", key, r[3]) end
+    if r[4] then
+      err = S.at_close(failed, b, "once_finish_now", key, r[3], r[4], r[5], r[6], r[7])
+      -- (fn ran and was paid for: its record kept for the store, not lost with the key handed over)
+      local path = failed[b] and keep_record(r[2], r)
+      if path then
+        resil.log.warn("once: the record is kept in the ledger's journal: it is written to the store when the " ..
+          "store answers", { key = key, error = tostring(err), journal = path })
+        err = nil
+      end
+    else
+      err = S.at_close(failed, b, "once_release_now", key, r[3])
+    end
     first = first or err
   end
   -- a claim sent whose task never resumed (the store's answer in, or still on its way): nobody

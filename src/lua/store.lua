@@ -348,10 +348,10 @@ local function open_store(url, key, opts)
   if not backend then return nil, err end
   local s = setmetatable({ url = url, kind = backend.kind }, Store)
   backend_of[s] = backend
-  -- (writes a process before this one kept for it, written to it soon: src/lua/journal.lua)
-  require("resil.journal").opened(backend, key, url)
   opened[key] = s
   opened[url] = s
+  -- (what a process before this one kept for it, written to it first: src/lua/journal.lua)
+  require("resil.journal").opened(backend, key, url)
   return s
 end
 
