@@ -1,9 +1,10 @@
 /*
  * flat_json.c: a ledger row's units as JSON, for src/lua/costs.lua; and the other pieces of a
  * paid call's row its every answer runs, in C where Lua's calls and checks were most of their
- * cost: the usual queued row (ledger_row, costs.lua) and the usual price's sum (pricer,
- * policies/pricing.lua). Each does only the usual case and leaves the rest to the Lua it
- * stands for, which specs hold it equal to (cost_spec, ai_spec).
+ * cost: the usual queued row (ledger_row, costs.lua), the usual price's sum (pricer,
+ * policies/pricing.lua) and the usual chat answer's result (chat_parser,
+ * policies/providers/openai.lua). Each does only the usual case and leaves the rest to the Lua
+ * it stands for, which specs hold it equal to (cost_spec, ai_spec, openai_answer_spec).
  *
  * resil.json.encode (src/json.c) swaps each number of a value for a marker
  * and back, some 12k instructions for a call's four token counts, on every
@@ -349,10 +350,227 @@ static int pricer(lua_State *L) {
   return 1;
 }
 
+/* The normalized result of the usual chat completion, as policies/providers/openai.lua's parse
+ * makes it (its usage as openai.usage does), from the decoded answer: one choice whose message
+ * has text or none and no tool calls, tables without metatables: openai.validate and parse of
+ * the usual answer, 16k instructions in Lua (a hundred-odd VM instructions, a dozen type() calls,
+ * num()'s), are 10k with this (most of it the two tables, made all the same). Anything else (more
+ * choices or none, tool calls, content in parts, a metatable) is openai.lua's: nil. The tables
+ * are made at the size, and their keys set in the order, of parse's constructors. The counts'
+ * sum and comparisons are Lua's own (lua_arith, lua_compare: an integer's wrap, a float's).
+ * ai_spec holds the two alike.
+ * chat_parser(null) -> parse(data) -> r | nil (null: json.null) */
+enum { C_NULL = 1, C_CHOICES, C_MESSAGE, C_TOOL_CALLS, C_CONTENT, C_FINISH, C_USAGE, C_TIER, C_REFUSAL, C_FUNCTION_CALL,
+       C_AUDIO, C_ID, C_MODEL, C_TEXT, C_PROMPT, C_COMPLETION, C_PROMPT_DETAILS, C_COMPLETION_DETAILS, C_CACHED,
+       C_REASONING, C_TOTAL, C_INPUT_TOKENS, C_OUTPUT_TOKENS, C_CACHED_INPUT, C_CACHE_WRITE, C_INPUT_UNREPORTED,
+       C_OUTPUT_UNREPORTED, C_OTHER_OUTPUT, C_LAST = C_OTHER_OUTPUT };
+/* (upvalues C_CHOICES on, made once) */
+static const char *const CHAT[] = {"choices", "message", "tool_calls", "content", "finish_reason", "usage",
+                                   "service_tier", "refusal", "function_call", "audio", "id", "model", "text",
+                                   "prompt_tokens", "completion_tokens", "prompt_tokens_details",
+                                   "completion_tokens_details", "cached_tokens", "reasoning_tokens", "total_tokens",
+                                   "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens",
+                                   "input_unreported", "output_unreported", "other_output"};
+_Static_assert(sizeof CHAT / sizeof CHAT[0] == C_LAST - 1, "a name for each upvalue");
+
+/* table[upvalue c] (raw) pushed -> its type */
+static int field(lua_State *L, int table, int c) {
+  lua_pushvalue(L, lua_upvalueindex(c));
+  return lua_rawget(L, table);
+}
+
+/* the value at the top set as table[upvalue c] (popped); nil is not set, as a constructor's */
+static void set_field(lua_State *L, int table, int c) {
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return;
+  }
+  lua_pushvalue(L, lua_upvalueindex(c));
+  lua_insert(L, -2);
+  lua_rawset(L, table);
+}
+
+/* openai.lua's num(): the count at idx pushed (an integer where a float is whole) -> 1 | 0 (not
+ * a count: nothing pushed) */
+static int push_count(lua_State *L, int idx) {
+  if (lua_type(L, idx) != LUA_TNUMBER) return 0;
+  if (lua_isinteger(L, idx)) {
+    if (lua_tointeger(L, idx) < 0) return 0;
+    lua_pushvalue(L, idx);
+    return 1;
+  }
+  lua_Number d = lua_tonumber(L, idx);
+  if (!(d >= 0 && d < HUGE_VAL)) return 0; /* (NaN too) */
+  int whole;
+  lua_Integer i = lua_tointegerx(L, idx, &whole);
+  if (whole) lua_pushinteger(L, i);
+  else lua_pushnumber(L, d);
+  return 1;
+}
+
+/* openai.lua's absent(): nil or null */
+static int absent(lua_State *L, int idx) { return lua_isnil(L, idx) || lua_rawequal(L, idx, lua_upvalueindex(C_NULL)); }
+
+/* a table with a metatable at idx (its fields are Lua's to read) */
+static int has_metatable(lua_State *L, int idx) {
+  if (!lua_getmetatable(L, idx)) return 0;
+  lua_pop(L, 1);
+  return 1;
+}
+
+/* openai.usage(u, tier) of the table u at idx (tier at tier_idx) pushed -> 1 | 0 (openai.lua's to
+ * make: a detail with a metatable) */
+static int push_usage(lua_State *L, int u, int tier_idx) {
+  /* L stack: ..., then each slot below as it is pushed */
+  int base = lua_gettop(L);
+  int prompt = base + 1, completion = base + 2, input = base + 3, output = base + 4;
+  field(L, u, C_PROMPT);
+  field(L, u, C_COMPLETION);
+  if (!push_count(L, prompt)) lua_pushnil(L);
+  if (!push_count(L, completion)) lua_pushnil(L);
+  int has_input = !lua_isnil(L, input), has_output = !lua_isnil(L, output);
+  if ((!has_input && !absent(L, prompt)) || (!has_output && !absent(L, completion)) || (!has_input && !has_output)) {
+    lua_settop(L, base);
+    lua_pushnil(L);
+    return 1;
+  }
+  int details = base + 5, out_details = base + 6, cached = base + 7, reasoning = base + 8;
+  int dt = field(L, u, C_PROMPT_DETAILS), ot = field(L, u, C_COMPLETION_DETAILS);
+  if ((dt == LUA_TTABLE && has_metatable(L, details)) || (ot == LUA_TTABLE && has_metatable(L, out_details))) {
+    lua_settop(L, base);
+    return 0;
+  }
+  /* cached: the details' count, at most the input; else 0 */
+  int got = 0;
+  if (dt == LUA_TTABLE) {
+    field(L, details, C_CACHED);
+    got = push_count(L, -1);
+    lua_remove(L, got ? -2 : -1);
+  }
+  if (!got) lua_pushinteger(L, 0);
+  else if (has_input && lua_compare(L, input, cached, LUA_OPLT)) lua_copy(L, input, cached); /* (math.min's: the first unless the second is less) */
+  got = 0;
+  if (ot == LUA_TTABLE) {
+    field(L, out_details, C_REASONING);
+    got = push_count(L, -1);
+    lua_remove(L, got ? -2 : -1);
+  }
+  if (!got) lua_pushnil(L);
+  /* reasoning a total of the three counts leaves out of completion_tokens: output */
+  if (got && has_input && has_output) {
+    lua_pushinteger(L, 0);
+    int positive = lua_compare(L, -1, reasoning, LUA_OPLT);
+    lua_pop(L, 1);
+    if (positive) {
+      field(L, u, C_TOTAL);
+      lua_pushvalue(L, input);
+      lua_pushvalue(L, output);
+      lua_arith(L, LUA_OPADD);
+      lua_pushvalue(L, reasoning);
+      lua_arith(L, LUA_OPADD);
+      int equal = lua_compare(L, -2, -1, LUA_OPEQ);
+      lua_pop(L, 2);
+      if (equal) {
+        lua_pushvalue(L, output);
+        lua_pushvalue(L, reasoning);
+        lua_arith(L, LUA_OPADD);
+        lua_replace(L, output);
+      }
+    }
+  }
+  lua_createtable(L, 0, 8);
+  int t = lua_gettop(L);
+  lua_pushvalue(L, has_input ? input : cached);
+  set_field(L, t, C_INPUT_TOKENS);
+  if (has_output) lua_pushvalue(L, output);
+  else lua_pushinteger(L, 0);
+  set_field(L, t, C_OUTPUT_TOKENS);
+  lua_pushvalue(L, cached);
+  set_field(L, t, C_CACHED_INPUT);
+  lua_pushinteger(L, 0);
+  set_field(L, t, C_CACHE_WRITE);
+  if (!has_input) {
+    lua_pushboolean(L, 1);
+    set_field(L, t, C_INPUT_UNREPORTED);
+  }
+  if (!has_output) {
+    lua_pushboolean(L, 1);
+    set_field(L, t, C_OUTPUT_UNREPORTED);
+  }
+  lua_pushvalue(L, reasoning);
+  set_field(L, t, C_REASONING);
+  /* a tier that is not standard processing, its first 40 bytes (openai.service_tier) */
+  size_t len;
+  const char *tier = lua_type(L, tier_idx) == LUA_TSTRING ? lua_tolstring(L, tier_idx, &len) : NULL;
+  if (tier && !(len == 7 && memcmp(tier, "default", 7) == 0) && !(len == 4 && memcmp(tier, "auto", 4) == 0) &&
+      !(len == 8 && memcmp(tier, "standard", 8) == 0)) {
+    lua_pushlstring(L, tier, len < 40 ? len : 40);
+    set_field(L, t, C_TIER);
+  }
+  lua_replace(L, base + 1);
+  lua_settop(L, base + 1);
+  return 1;
+}
+
+static int chat_parse(lua_State *L) {
+  if (lua_type(L, 1) != LUA_TTABLE || has_metatable(L, 1)) return 0;
+  lua_settop(L, 1);
+  luaL_checkstack(L, 30, "chat answer");
+  /* L stack: data 1, choices 2, first 3, message 4 */
+  if (field(L, 1, C_CHOICES) != LUA_TTABLE || has_metatable(L, 2) || lua_rawlen(L, 2) != 1) return 0;
+  if (lua_rawgeti(L, 2, 1) != LUA_TTABLE || has_metatable(L, 3)) return 0;
+  if (field(L, 3, C_MESSAGE) != LUA_TTABLE || has_metatable(L, 4)) return 0;
+  /* 5 tool_calls, 6 content, 7 finish_reason, 8 usage, 9 service_tier */
+  if (field(L, 4, C_TOOL_CALLS) != LUA_TNIL) return 0;
+  int content = field(L, 4, C_CONTENT);
+  if (content == LUA_TTABLE) return 0; /* (parts: content_text's) */
+  field(L, 3, C_FINISH);
+  int usage = field(L, 1, C_USAGE);
+  field(L, 1, C_TIER);
+  if (usage == LUA_TTABLE) {
+    if (has_metatable(L, 8) || !push_usage(L, 8, 9)) return 0;
+  } else {
+    lua_pushnil(L);
+  }
+  /* 10 the usage | nil; r 11 */
+  lua_createtable(L, 0, 13);
+  int r = 11;
+  field(L, 1, C_ID);
+  set_field(L, r, C_ID);
+  field(L, 1, C_MODEL);
+  set_field(L, r, C_MODEL);
+  if (content == LUA_TSTRING) lua_pushvalue(L, 6);
+  else lua_pushliteral(L, "");
+  set_field(L, r, C_TEXT);
+  if (lua_type(L, 7) == LUA_TSTRING) lua_pushvalue(L, 7);
+  else lua_pushnil(L);
+  set_field(L, r, C_FINISH);
+  lua_pushvalue(L, 10);
+  set_field(L, r, C_USAGE);
+  field(L, 4, C_REFUSAL);
+  if (lua_toboolean(L, -1) && !lua_rawequal(L, -1, lua_upvalueindex(C_NULL))) set_field(L, r, C_REFUSAL);
+  else lua_pop(L, 1);
+  /* an answer in a field of its own (a legacy function_call, audio) */
+  int other = field(L, 4, C_FUNCTION_CALL) == LUA_TTABLE || field(L, 4, C_AUDIO) == LUA_TTABLE;
+  if (other) {
+    lua_pushboolean(L, 1);
+    set_field(L, r, C_OTHER_OUTPUT);
+  }
+  lua_settop(L, r);
+  return 1;
+}
+
+static int chat_parser(lua_State *L) {
+  lua_settop(L, 1);
+  for (int i = 0; i < C_LAST - 1; i++) lua_pushstring(L, CHAT[i]);
+  lua_pushcclosure(L, chat_parse, C_LAST);
+  return 1;
+}
+
 /* require "resil.core.flat_json" -> { write = flat_json, row = ledger_row } (src/lua/costs.lua),
- * pricer (policies/pricing.lua) */
+ * pricer (policies/pricing.lua), chat_parser (policies/providers/openai.lua) */
 int luaopen_resil_flat_json(lua_State *L) {
-  lua_createtable(L, 0, 2);
+  lua_createtable(L, 0, 4);
   lua_pushcfunction(L, flat_json);
   lua_setfield(L, -2, "write");
   for (int i = 0; i < NFIELDS; i++) lua_pushstring(L, FIELDS[i]);
@@ -361,5 +579,7 @@ int luaopen_resil_flat_json(lua_State *L) {
   lua_setfield(L, -2, "row");
   lua_pushcfunction(L, pricer);
   lua_setfield(L, -2, "pricer");
+  lua_pushcfunction(L, chat_parser);
+  lua_setfield(L, -2, "chat_parser");
   return 1;
 }

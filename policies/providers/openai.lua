@@ -391,12 +391,24 @@ end
 -- a body validate() parsed, for the parse that follows it (one parse per answer)
 local parsed = setmetatable({}, { __mode = "k" })
 
+-- the usual answer (one choice, its text or none, no tool calls) parsed in C, as below, while
+-- openai.usage and openai.service_tier are this file's (src/flat_json.c's chat_parser); nil for
+-- the rest, parsed below. A host without it parses them all here.
+local core_ok, core = pcall(require, "resil.core.flat_json")
+core = core_ok and type(core) == "table" and core or {}
+local parse_usual = core.chat_parser and core.chat_parser(json.null) or nil
+local own_usage, own_tier = openai.usage, openai.service_tier
+
 -- openai.parse(data) -> normalized result | nil, why
 function openai.parse(data)
   local done = parsed[data]
   if done then
     parsed[data] = nil
     return done
+  end
+  if parse_usual and openai.usage == own_usage and openai.service_tier == own_tier then
+    done = parse_usual(data)
+    if done then return done end
   end
   if type(data) ~= "table" or type(data.choices) ~= "table" or type(data.choices[1]) ~= "table" then
     return nil, "no choices in the response"
