@@ -112,6 +112,35 @@ os.exit(0)
       assert.are.same({ 4, "1.250000" }, { ledger(folder, url, 5) })
     end)
 
+  it("asks a store still down once as it opens, then after the pause, not in a loop", function()
+    local folder, files = new_folder()
+    local url = fresh_url()
+    stop_redis()
+    finally(start_redis)
+    local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "?timeout=0.1' " ..
+      helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+assert(resil.cost.record({ provider = "down", usd = 0.25, id = "spin-1", wait = false }))
+resil.sleep(0.2)
+os.exit(0)
+]]))
+    assert.are.equal(0, r.code, r.stderr)
+    local before = files()
+    assert.are.equal(1, #before, r.stderr)
+    -- (before: the first pass's pause of 0 doubled to 0, some 200 passes a second, each logged, the
+    -- journal copied to a new file each time)
+    local again = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "?timeout=0.1' " ..
+      helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+resil.store()
+resil.sleep(1)
+]]))
+    assert.are.equal(0, again.code, again.stderr)
+    local _, passes = again.stderr:gsub("the store is still unavailable: the ledger's journal is written to it later", "")
+    assert.are.equal(1, passes, again.stderr)
+    assert.are.equal(1, #files(), again.stderr)
+  end)
+
   it("writes a row once that the frozen server ran as it thawed and the journal kept too", function()
     local folder, files = new_folder()
     local url = fresh_url()

@@ -223,7 +223,9 @@ function drain(st, first)
       left = 1
     end
     if left == 0 then break end
-    pause = math.min(pause * 2, MOST_PAUSE)
+    -- (a first pass at once, as a store opens, is followed by the usual pauses: doubled from 0, a
+    -- store still down was asked hundreds of times a second, the journal copied and logged each time)
+    pause = math.max(FIRST_PAUSE, math.min(pause * 2, MOST_PAUSE))
   end
   st.draining = false
 end
