@@ -290,6 +290,44 @@ print(resil.cost.total())
   end)
 end)
 
+describe("the ledger's journal on a full disk", function()
+  it("keeps what fits whole in one file, names the rest as lost with the disk's error, and all kept is written once",
+    function()
+      local folder, files = new_folder()
+      os.execute("mkdir -p " .. folder)
+      -- a real full disk: a small tmpfs (root); elsewhere there is no such disk to fill
+      if os.execute(("mount -t tmpfs -o size=64k tmpfs %s 2>/dev/null"):format(folder)) ~= true then
+        return pending("mounting a tmpfs needs root")
+      end
+      finally(function() os.execute("umount -l " .. folder) end)
+      local db = helpers.tmpname(".db")
+      assert.are.equal(0, helpers.run(helpers.resil .. " --store " .. db .. " -e 'require(\"resil\").store()'").code)
+      local release = helpers.hold_write_lock(db)
+      local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. db .. "?timeout=0.05' " ..
+        helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+for i = 1, 800 do assert(resil.cost.record({ provider = "full", model = "m", usd = 0.01, id = "full-" .. i, wait = false })) end
+resil.sleep(0.2)
+os.exit(0)
+]]))
+      helpers.release_write_lock(release)
+      assert.are.equal(0, r.code, r.stderr)
+      local kept, lost = #helpers.rows_logged_kept(r.stderr), #helpers.rows_logged_lost(r.stderr)
+      assert.are.equal(800, kept + lost, r.stderr)
+      assert.is_true(kept > 0 and lost > 0, r.stderr)
+      local _, full = r.stderr:gsub('"journal_error":"cannot write to the journal: No space left on device"', "")
+      assert.are.equal(lost, full)
+      -- (before: a file a refused write, each empty, and the first ended in half a line)
+      assert.are.equal(1, #files())
+      local text = helpers.slurp(folder .. "/" .. files()[1])
+      assert.matches("\n$", text)
+      local _, lines = text:gsub("\n", "")
+      assert.are.equal(kept, lines)
+      assert.are.same({ kept, ("%.6f"):format(kept * 0.01) }, { ledger(folder, db, kept) })
+      assert.are.same({}, files())
+    end)
+end)
+
 describe("the ledger's journal, in a process that goes on", function()
   local journal_dir
   before_each(function()

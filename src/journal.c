@@ -15,7 +15,7 @@
  *
  * require "resil.core.journal" ->
  *   open(path)           -> file (its folder made) | nil, err  (locked: another's is "in use")
- *   file:append(text)    -> true | nil, err  (one write of the whole text, O_APPEND)
+ *   file:append(text)    -> true | nil, err  (one write of the whole text, O_APPEND; none of it if it fails)
  *   file:sync()          -> true | nil, err  (fdatasync: past a power cut, not only a crash)
  *   file:close()         -> true | nil, err  (synced, its lock let go)
  *   claim(dir, prefix)   -> { claim, ... }: the files dir/prefix*.jsonl no process holds, locked now
@@ -99,10 +99,19 @@ static int l_append(lua_State *L) {
   journal_file *f = open_file(L, FILE_MT);
   size_t len;
   const char *text = luaL_checklstring(L, 2, &len);
+  /* (a write cut short, the disk full, is taken back: the next line, once there is room, would have
+   * followed the half line and been read with it as one line that is not a ledger write) */
+  off_t start = lseek(f->fd, 0, SEEK_END);
   while (len > 0) {
     ssize_t n = write(f->fd, text, len);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return fail(L, "cannot write to", "the journal");
+    if (n < 0) {
+      int e = errno;
+      if (start >= 0 && ftruncate(f->fd, start) != 0) { /* (left as it is: its reader names the half line) */
+      }
+      errno = e;
+      return fail(L, "cannot write to", "the journal");
+    }
     text += n;
     len -= (size_t)n;
   }

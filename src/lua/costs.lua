@@ -281,7 +281,9 @@ local function say_kept(what, fields, path, why)
     fields)
 end
 local function kept_or_lost(what, fields, why, keep)
-  local path = keep and keep()
+  local path, unkept
+  if keep then path, unkept = keep(false, fields) end
+  fields.journal_error = unkept -- (why the journal could not keep it: its folder, a full disk)
   if path then say_kept(what, fields, path, why) else say_lost(what, fields, why) end
 end
 local function say_unknown(what, fields)
@@ -295,7 +297,9 @@ debug.getregistry()["resil.costs: rows lost at exit"] = setmetatable({}, { __gc 
   for r in pairs(retrying) do
     local why = r.close_error and tostring(r.close_error) or "the store was still unavailable"
     -- (a keyed write is kept even if its attempt may have landed: the ledger has it once either way)
-    local path = r.keep and r.keep(r.attempting or r.sent)
+    local path, unkept
+    if r.keep then path, unkept = r.keep(r.attempting or r.sent, r.fields) end
+    r.fields.journal_error = unkept
     if path then say_kept(r.what, r.fields, path, why)
     elseif r.attempting or r.sent then say_unknown(r.what, r.fields)
     else say_lost(r.what, r.fields, why) end
@@ -330,11 +334,14 @@ end
 -- none and cannot have landed (one that may have, without a key, would be in the ledger twice).
 -- store(): its backend, if one was opened (else the default store's journal).
 local function row_keeper(entry, store)
-  return function(maybe_landed)
+  return function(maybe_landed, log_fields)
     if entry.dedupe == nil and maybe_landed then return nil end
     own_key(nil, entry, true)
     local url = S.url()
-    return journal.keep(store and store(), { k = "row", e = entry }, S.key(url), url)
+    local path, err = journal.keep(store and store(), { k = "row", e = entry }, S.key(url), url)
+    -- (the key it is kept under named in its line: the one to look for in the ledger)
+    if path and log_fields then log_fields.id = entry.dedupe end
+    return path, err
   end
 end
 
@@ -355,7 +362,9 @@ local function retry_later(what, write, counts, fields, log_fields, sent, write_
     local _ <close> = setmetatable(pending, retry_ended) -- however it ends
     local ok, err = S.retry_write(attempt)
     if counts(ok) then observe_cost(fields, fields.units) end
-    local path = ok == nil and keep and keep(pending.sent)
+    local path, unkept
+    if ok == nil and keep then path, unkept = keep(pending.sent, log_fields) end
+    log_fields.journal_error = unkept
     if path then
       say_kept(what, log_fields, path, tostring(err))
     elseif ok == nil then

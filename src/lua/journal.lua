@@ -100,9 +100,10 @@ local function append(st, text)
     end
     local ok, done, err = pcall(st.live.append, st.live, text)
     if ok and done then return st.path end
-    st.live = nil
-    if ok then return nil, err end -- (the disk full: said by the caller)
-    -- (closed under it: the process is ending and collected it first; a new file)
+    -- (the disk full: said by the caller; the file kept for the next write, none of this one in it,
+    -- where a new file a write was one more empty file, its descriptor open, for each write refused)
+    if ok then return nil, err end
+    st.live = nil -- (closed under it: the process is ending and collected it first; a new file)
   end
   return nil, "the journal could not be written"
 end
