@@ -221,9 +221,8 @@ print(res and res.status, err and err.kind)
     assert.matches("Content%-Length", r.stdout)
     assert.is_nil(r.stdout:find("seen"), r.stdout) -- neither request reached the handler
     assert.is_true(r.alive)
-    -- an API error to both OpenAI's and Anthropic's clients: {type = "error", error = {type, message}}
+    -- an API error in OpenAI's shape (the path is not Anthropic's): {error = {message, type, param, code}}
     local body = require("resil").json.decode(r.stdout:match("\r\n\r\n(.*)$"))
-    assert.are.equal("error", body.type)
     assert.are.equal("invalid_request_error", body.error.type)
     assert.are.equal("conflicting Content-Length headers", body.error.message)
   end)
@@ -415,9 +414,11 @@ while true do resil.sleep(3600) end
       assert.is_not_nil(head, r.stdout .. r.stderr)
       assert.are.equal(#body, tonumber(head:match("Content%-Length: (%d+)")))
       -- (before: "invalid_request_error", OpenAI's type: the path was read from the first segment only)
-      local err = resil.json.decode(body).error
-      assert.are.equal("request_too_large", err.type)
-      assert.are.equal("request_too_large", err.code)
+      -- (and in Anthropic's shape: no code, its request id in the body as in its header)
+      local decoded = resil.json.decode(body)
+      assert.are.equal("request_too_large", decoded.error.type)
+      assert.is_nil(decoded.error.code)
+      assert.are.equal(head:match("\r\nrequest%-id: (req_%x+)\r\n"), decoded.request_id)
     end)
   end
 end)

@@ -592,7 +592,7 @@ describe("server handlers as tasks (tasks = true)", function()
     local r = helpers.run(("curl -s -H 'Expect:' -w ' %%{http_code}:%%header{retry-after}:%%header{retry-after-ms}' " ..
       "--max-time 30 --data-binary @%s http://127.0.0.1:%s/"):format(big, port))
     assert.matches(" 503:1:1000$", r.stdout)
-    assert.matches('"type":"api_error","message":"the server is out of memory for now; retry shortly"', r.stdout, 1, true)
+    assert.matches('"message":"the server is out of memory for now; retry shortly","type":"api_error"', r.stdout, 1, true)
     assert.matches('"msg":"server handler not started (out of memory); answered 503"', helpers.slurp(out), 1, true)
     local res = http.request({ url = ("http://127.0.0.1:%s/"):format(port), body = "after" })
     assert.are.equal(200, res.status, res.body) -- (it serves on: a request that fits)

@@ -27,8 +27,8 @@
  * body past max_body a 413 (at once when its Content-Length says so), and one not
  * read within read_timeout of its first byte a 408 (real time: clients live
  * in the real world); a malformed one a 400, an HTTP major version not 1 a 505; each
- * with the server's JSON error body (conn_output_cb), typed as the request's
- * API types it (Anthropic's under /v1/messages, OpenAI's elsewhere). With
+ * with the server's JSON error body (conn_output_cb) and a request id, in the
+ * shape of the request's API (Anthropic's under /v1/messages, OpenAI's elsewhere). With
  * utf8 = true a body that is not UTF-8 is a 400 before any handler runs
  * (a JSON API's: RFC 8259 8.1).
  */
@@ -61,13 +61,14 @@
 #define DEFAULT_READ_TIMEOUT 30.0
 
 /* The server's own error replies (a request it refuses, one not read in
- * time, a handler that raised), in one JSON shape that both OpenAI's and
- * Anthropic's clients read as an API error: {"type": "error", "error":
- * {"type", "message", "param", "code"}}. */
-#define SERVER_ERROR(type, message) \
-  "{\"type\":\"error\",\"error\":{\"type\":\"" type "\",\"message\":\"" message \
-  "\",\"param\":null,\"code\":null}}"
-#define HANDLER_ERROR SERVER_ERROR("api_error", "handler error")
+ * time, a handler that raised) are JSON in the shape of the API the request
+ * speaks (conn_note_api; api_error_body), each with a request id of its own
+ * in x-request-id (and request-id, where Anthropic's SDK reads it), as every
+ * answer the gateway's handler makes has: a client's error.requestID was
+ * undefined on these alone, and they were one hybrid shape for both APIs.
+ * Their messages are constants, or made of bytes that need no JSON escape. */
+#define REQUEST_ID_SIZE 25 /* "req_" and 20 hex digits, as the gateway's own ids */
+#define HANDLER_ERROR "handler error"
 
 typedef struct server server;
 typedef struct conn conn;
@@ -306,15 +307,46 @@ static void conn_closed(struct evhttp_connection *evcon, void *arg) {
   conn_free(c);
 }
 
-static void conn_send_own(conn *c, int status, const char *phrase, const char *body, int body_len);
+static void new_request_id(char id[REQUEST_ID_SIZE]) {
+  unsigned char bytes[10];
+  evutil_secure_rng_get_bytes(bytes, sizeof bytes);
+  memcpy(id, "req_", 4);
+  for (size_t i = 0; i < sizeof bytes; i++) snprintf(id + 4 + 2 * i, 3, "%02x", bytes[i]);
+}
+
+/* One of the server's own errors as the API's clients read theirs:
+ * Anthropic's {"type": "error", "error": {"type", "message"}, "request_id"},
+ * OpenAI's {"error": {"message", "type", "param", "code"}} -> its length (0:
+ * it did not fit) */
+static int api_error_body(int anthropic, int status, const char *message, const char *id, char *body, size_t size) {
+  const char *type = status == 500 || status == 503 ? "api_error" : "invalid_request_error", *code = "null";
+  if (status == 413) {
+    if (anthropic) type = "request_too_large";
+    code = "\"request_too_large\"";
+  }
+  int len = anthropic ? snprintf(body, size,
+                                 "{\"type\":\"error\",\"error\":{\"type\":\"%s\",\"message\":\"%s\"},"
+                                 "\"request_id\":\"%s\"}\n",
+                                 type, message, id)
+                      : snprintf(body, size,
+                                 "{\"error\":{\"message\":\"%s\",\"type\":\"%s\",\"param\":null,\"code\":%s}}\n",
+                                 message, type, code);
+  return len > 0 && (size_t)len < size ? len : 0;
+}
+
+static void conn_send_own(conn *c, int status, const char *phrase, const char *body, int body_len, const char *id);
+static int own_error_body(conn *c, int status, const char *id, char *body, size_t size);
 
 static void conn_deadline_cb(evutil_socket_t fd, short what, void *arg) {
   (void)fd, (void)what;
   conn *c = arg;
-#define TIMEOUT_BODY SERVER_ERROR("invalid_request_error", "request not read in time") "\n"
   /* not in the middle of one of evhttp's own error replies, nor after the 413 sent early */
-  if (!c->refused && evbuffer_get_length(bufferevent_get_output(c->bev)) == 0)
-    conn_send_own(c, 408, "Request Timeout", TIMEOUT_BODY, (int)sizeof TIMEOUT_BODY - 1);
+  if (!c->refused && evbuffer_get_length(bufferevent_get_output(c->bev)) == 0) {
+    char id[REQUEST_ID_SIZE], body[400];
+    new_request_id(id);
+    int n = own_error_body(c, 408, id, body, sizeof body);
+    conn_send_own(c, 408, "Request Timeout", body, n, id);
+  }
   evhttp_connection_free(c->evcon); /* its close callback frees c */
 }
 
@@ -359,16 +391,16 @@ enum { VERSION_1, VERSION_1_LATER, VERSION_OTHER, VERSION_MALFORMED };
  * nothing in the output: a request is being read), in the request's HTTP
  * version as its other replies are. Connection: close: what follows it is
  * not read as a request. */
-static void conn_send_own(conn *c, int status, const char *phrase, const char *body, int body_len) {
-  char text[768];
+static void conn_send_own(conn *c, int status, const char *phrase, const char *body, int body_len, const char *id) {
+  char text[900];
   int len = snprintf(text, sizeof text,
                      "HTTP/1.%d %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                     "Connection: close\r\n\r\n%s",
-                     c->http10 ? 0 : 1, status, phrase, body_len, body);
+                     "x-request-id: %s\r\n%s%s%sConnection: close\r\n\r\n%s",
+                     c->http10 ? 0 : 1, status, phrase, body_len, id, c->anthropic ? "request-id: " : "",
+                     c->anthropic ? id : "", c->anthropic ? "\r\n" : "", body);
   if (len > 0 && (size_t)len < sizeof text) (void)!send(c->fd, text, (size_t)len, MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
-static int own_error_body(conn *c, int status, char *body, size_t size);
 static const char *reason_phrase(int status);
 
 /* The server's own refusal as the request is read, at once: the connection
@@ -376,9 +408,10 @@ static const char *reason_phrase(int status);
  * the read deadline closes it, without its 408, and libevent's own reply to
  * what it read already is not sent (conn_output_cb) */
 static void conn_refuse_now(conn *c, int status) {
-  char body[400];
-  int n = own_error_body(c, status, body, sizeof body);
-  conn_send_own(c, status, reason_phrase(status), body, n);
+  char id[REQUEST_ID_SIZE], body[400];
+  new_request_id(id);
+  int n = own_error_body(c, status, id, body, sizeof body);
+  conn_send_own(c, status, reason_phrase(status), body, n, id);
   shutdown(c->fd, SHUT_WR);
   c->refused = 1;
   c->scanning = SCAN_OFF;
@@ -446,9 +479,10 @@ static void head_line(conn *c, const char *line, size_t len, const char *ver) {
      * client reads the 413, not a reset. */
     if (!c->no_body && c->chunked != 1 && c->content_length >= 0 && (double)c->content_length > c->srv->max_body &&
         (double)c->head_size <= c->srv->max_headers && c->version != VERSION_OTHER) { /* (else a 431, a 505) */
-      char body[400];
-      int n = own_error_body(c, 413, body, sizeof body);
-      conn_send_own(c, 413, "Request Entity Too Large", body, n); /* (as libevent names its own 413s) */
+      char id[REQUEST_ID_SIZE], body[400];
+      new_request_id(id);
+      int n = own_error_body(c, 413, id, body, sizeof body);
+      conn_send_own(c, 413, "Request Entity Too Large", body, n, id); /* (as libevent names its own 413s) */
       shutdown(c->fd, SHUT_WR); /* (a client reading to the end has it all; a body sent anyway is still read) */
       c->refused = 1;
     }
@@ -669,57 +703,57 @@ static void conn_output_cb(struct evbuffer *buf, const struct evbuffer_cb_info *
   event_active(c->ev, EV_TIMEOUT, 1);
 }
 
-/* the server's JSON error (SERVER_ERROR's shape) for one of its refusals,
- * typed as the request's API types it -> its length */
-static int own_error_body(conn *c, int status, char *body, size_t size) {
-  char message[160];
-  const char *type = status >= 500 ? "api_error" : "invalid_request_error", *code = "null";
+/* the message of one of the server's refusals as the request is read */
+static void own_error_message(conn *c, int status, char *message, size_t size) {
   if (status == 413) {
-    snprintf(message, sizeof message, "the request body is larger than this server accepts (%.0f bytes)",
+    snprintf(message, size, "the request body is larger than this server accepts (%.0f bytes)",
              c->srv->max_body);
-    if (c->anthropic) type = "request_too_large";
-    code = "\"request_too_large\"";
+  } else if (status == 408) {
+    snprintf(message, size, "request not read in time");
   } else if (status == 431) {
-    snprintf(message, sizeof message, "the request's headers are larger than this server accepts (%.0f bytes)",
+    snprintf(message, size, "the request's headers are larger than this server accepts (%.0f bytes)",
              c->srv->max_headers);
   } else if (status == 400 && c->chunk_bad == 1) {
-    snprintf(message, sizeof message, "a malformed chunked request body: a chunk size that is not a hexadecimal number");
+    snprintf(message, size, "a malformed chunked request body: a chunk size that is not a hexadecimal number");
   } else if (status == 400 && c->chunk_bad == 3) {
-    snprintf(message, sizeof message, "a malformed chunked request body: a chunk size line longer than %d bytes",
+    snprintf(message, size, "a malformed chunked request body: a chunk size line longer than %d bytes",
              CHUNK_LINE_MAX);
   } else if (status == 400 && c->chunk_bad == 4) {
-    snprintf(message, sizeof message, "a malformed chunked request body: a chunk's data not followed by its line end");
+    snprintf(message, size, "a malformed chunked request body: a chunk's data not followed by its line end");
   } else if (status == 505) {
-    type = "invalid_request_error";
-    snprintf(message, sizeof message, "HTTP version %s is not supported: this server speaks HTTP/1.1 (and HTTP/1.0)",
+    snprintf(message, size, "HTTP version %s is not supported: this server speaks HTTP/1.1 (and HTTP/1.0)",
              c->version_seen);
   } else if (status == 414) {
-    snprintf(message, sizeof message, "the request line is longer than this server accepts (%.0f bytes)",
+    snprintf(message, size, "the request line is longer than this server accepts (%.0f bytes)",
              c->srv->max_headers);
   } else if (status == 400 && c->folded) {
-    snprintf(message, sizeof message, "a header line folded onto the one before (obs-fold, RFC 9112 5.2)");
+    snprintf(message, size, "a header line folded onto the one before (obs-fold, RFC 9112 5.2)");
   } else if (status == 400 && c->version == VERSION_MALFORMED) {
-    snprintf(message, sizeof message,
+    snprintf(message, size,
              "a malformed request line: not method, target and HTTP/1.1, one space apart (RFC 9112 3)");
   } else if (status == 400 && c->chunked == 1 && c->content_length != -1) { /* (libevent fails it at the trailer) */
-    snprintf(message, sizeof message, "a request with both Transfer-Encoding and Content-Length");
+    snprintf(message, size, "a request with both Transfer-Encoding and Content-Length");
   } else if (status == 400 && c->te_headers > 1) { /* (libevent refuses it as its head ends) */
-    snprintf(message, sizeof message, "more than one Transfer-Encoding header (a request body is chunked once)");
+    snprintf(message, size, "more than one Transfer-Encoding header (a request body is chunked once)");
   } else if (status == 400 && c->chunk_bad == 2) {
-    snprintf(message, sizeof message, "a malformed trailer after a chunked request body");
+    snprintf(message, size, "a malformed trailer after a chunked request body");
   } else if (status == 400) {
-    snprintf(message, sizeof message, "the request could not be read: a malformed request line or header");
+    snprintf(message, size, "the request could not be read: a malformed request line or header");
   } else if (status == 417) {
-    snprintf(message, sizeof message, "an Expect header other than 100-continue");
+    snprintf(message, size, "an Expect header other than 100-continue");
   } else if (status == 501) {
-    snprintf(message, sizeof message, "a method this server does not serve");
+    snprintf(message, size, "a method this server does not serve");
   } else {
-    snprintf(message, sizeof message, "the request was refused before it was read");
+    snprintf(message, size, "the request was refused before it was read");
   }
-  int len = snprintf(body, size,
-                     "{\"type\":\"error\",\"error\":{\"type\":\"%s\",\"message\":\"%s\",\"param\":null,\"code\":%s}}\n",
-                     type, message, code);
-  return len > 0 && (size_t)len < size ? len : 0;
+}
+
+/* the server's JSON error for one of its refusals as the request is read,
+ * in the shape of the request's API (api_error_body) -> its length */
+static int own_error_body(conn *c, int status, const char *id, char *body, size_t size) {
+  char message[160];
+  own_error_message(c, status, message, sizeof message);
+  return api_error_body(c->anthropic, status, message, id, body, size);
 }
 
 /* libevent's error reply, whole in the output: its status line kept (but
@@ -729,7 +763,7 @@ static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg) {
   (void)fd, (void)what;
   conn *c = arg;
   struct evbuffer *out = bufferevent_get_output(c->bev);
-  char line[80], body[400];
+  char line[80], body[400], id[REQUEST_ID_SIZE];
   size_t n = output_start(out, line, sizeof line - 1);
   line[n] = '\0';
   char *eol = strstr(line, "\r\n");
@@ -749,13 +783,17 @@ static void conn_error_reply_cb(evutil_socket_t fd, short what, void *arg) {
   /* (libevent answers HTTP/1.1 to an HTTP/1.0 request it refuses; its other replies, 1.0) */
   if (status != was) snprintf(line, sizeof line, "HTTP/1.%d %d %s", c->http10 ? 0 : 1, status, reason_phrase(status));
   else memmove(line + 9, code + 1, strlen(code)), memcpy(line, c->http10 ? "HTTP/1.0 " : "HTTP/1.1 ", 9);
-  int len = own_error_body(c, status, body, sizeof body);
+  new_request_id(id);
+  int len = own_error_body(c, status, id, body, sizeof body);
   /* (the output's start is frozen but to the bufferevent's own writes, which unfreeze it as this does) */
   evbuffer_unfreeze(out, 1);
   evbuffer_drain(out, evbuffer_get_length(out));
   evbuffer_freeze(out, 1);
-  evbuffer_add_printf(out, "%s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
-                      line, len, body);
+  evbuffer_add_printf(out,
+                      "%s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nx-request-id: %s\r\n%s%s%s"
+                      "Connection: close\r\n\r\n%s",
+                      line, len, id, c->anthropic ? "request-id: " : "", c->anthropic ? id : "",
+                      c->anthropic ? "\r\n" : "", body);
 }
 
 /* libevent's 413 after the one sent early (an Expect: 100-continue past
@@ -1377,29 +1415,34 @@ static int read_reply_protected(lua_State *L) {
 
 /* The server's own answer to a request its handler could not serve: status, body, and for a 503
  * a Retry-After (and retry-after-ms, which the SDKs read first) */
-static void answer_error(pending *p, int status, const char *body, size_t len) {
+static void answer_error(pending *p, int status, const char *message) {
   struct evkeyvalq *out = evhttp_request_get_output_headers(p->req);
+  char id[REQUEST_ID_SIZE], body[400];
+  int anthropic = p->c && p->c->anthropic;
+  new_request_id(id);
+  int len = api_error_body(anthropic, status, message, id, body, sizeof body);
   pending_clear_reply(p);
   evhttp_clear_headers(out); /* (those of a reply read part way) */
   p->status = status;
-  p->body = dup_bytes(body, len);
-  p->body_len = p->body ? len : 0;
+  p->body = dup_bytes(body, (size_t)len);
+  p->body_len = p->body ? (size_t)len : 0;
   evhttp_add_header(out, "Content-Type", "application/json");
+  evhttp_add_header(out, "x-request-id", id);
+  if (anthropic) evhttp_add_header(out, "request-id", id);
   if (status == 503) {
     evhttp_add_header(out, "Retry-After", "1");
     evhttp_add_header(out, "retry-after-ms", "1000");
   }
 }
 
-static void answer_500(pending *p) { answer_error(p, 500, HANDLER_ERROR, sizeof HANDLER_ERROR - 1); }
+static void answer_500(pending *p) { answer_error(p, 500, HANDLER_ERROR); }
 
 /* A handler task that could not be started for want of memory (--max-memory, spent by the
  * requests in flight): a 503 with Retry-After, which clients and load balancers retry later or
  * elsewhere, as the gateway answers the same want met inside its handler; a 500 said the server
  * had a bug. */
-#define UNAVAILABLE_ERROR SERVER_ERROR("api_error", "the server is out of memory for now; retry shortly")
 static void answer_unavailable(pending *p) {
-  answer_error(p, 503, UNAVAILABLE_ERROR, sizeof UNAVAILABLE_ERROR - 1);
+  answer_error(p, 503, "the server is out of memory for now; retry shortly");
 }
 
 /* host_pcall's status, and the error it left at the top: Lua's memory error (LUA_ERRMEM; or a C
@@ -1609,52 +1652,58 @@ static const char *framing_problem(struct evhttp_request *req, int *status) {
   int hosts = 0, chunked = 0;
   *status = 400;
   TAILQ_FOREACH(h, evhttp_request_get_input_headers(req), next) {
-    if (!is_token(h->key)) return SERVER_ERROR("invalid_request_error", "a header name that is not a token");
+    if (!is_token(h->key)) return "a header name that is not a token";
     if (evutil_ascii_strcasecmp(h->key, "host") == 0) {
-      if (++hosts > 1) return SERVER_ERROR("invalid_request_error", "more than one Host header (RFC 9112 3.2)");
+      if (++hosts > 1) return "more than one Host header (RFC 9112 3.2)";
       /* uri-host [":" port] (RFC 3986 3.2.2): a space, a slash, an @ are another authority to a proxy.
        * (Around it, optional whitespace, RFC 9112 5.1: libevent drops a leading tab's spaces alone.) */
       const char *v = h->value + strspn(h->value, " \t");
       v += strspn(v, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:[]");
       if (v[strspn(v, " \t")])
-        return SERVER_ERROR("invalid_request_error", "a Host header that is not a host and port (RFC 9112 3.2)");
+        return "a Host header that is not a host and port (RFC 9112 3.2)";
     }
     if (evutil_ascii_strcasecmp(h->key, "content-length") == 0) {
       /* (optional whitespace before the value, RFC 9110 5.5: libevent keeps a leading tab, and its
        * strtoll skips it: "Content-Length:<TAB>5" is 5, as a proxy in front reads it) */
       const char *digits = h->value + strspn(h->value, " \t");
       if (!digits[0] || digits[strspn(digits, "0123456789")] != '\0')
-        return SERVER_ERROR("invalid_request_error", "Content-Length is not a number");
+        return "Content-Length is not a number";
       if (length && strcmp(length, digits) != 0)
-        return SERVER_ERROR("invalid_request_error", "conflicting Content-Length headers");
+        return "conflicting Content-Length headers";
       length = digits;
     } else if (evutil_ascii_strcasecmp(h->key, "transfer-encoding") == 0) {
       if (evutil_ascii_strcasecmp(h->value, "chunked") != 0) {
         *status = 501;
-        return SERVER_ERROR("invalid_request_error", "unsupported Transfer-Encoding: only chunked");
+        return "unsupported Transfer-Encoding: only chunked";
       }
       chunked = 1;
     }
   }
   if (chunked && req->major == 1 && req->minor == 0)
-    return SERVER_ERROR("invalid_request_error", "a Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)");
+    return "a Transfer-Encoding in an HTTP/1.0 request (RFC 9112 6.1)";
   if (evhttp_request_get_command(req) == EVHTTP_REQ_HEAD && (chunked || (length && length[strspn(length, "0")])))
-    return SERVER_ERROR("invalid_request_error", "a HEAD request with a body (RFC 9110 9.3.2)");
+    return "a HEAD request with a body (RFC 9110 9.3.2)";
   /* (HTTP/1.0 has no Host to require; a later HTTP/1 minor version is served as HTTP/1.1) */
   if (!hosts && req->major == 1 && req->minor >= 1)
-    return SERVER_ERROR("invalid_request_error", "an HTTP/1.1 request without a Host header (RFC 9112 3.2)");
+    return "an HTTP/1.1 request without a Host header (RFC 9112 3.2)";
   return NULL;
 }
 
 
 /* the server's own refusal, before any handler; the connection closes,
  * since what follows the body on it cannot be trusted */
-static void refuse_request(struct evhttp_request *req, int status, const char *json_body) {
+static void refuse_request(struct evhttp_request *req, conn *c, int status, const char *message) {
   struct evkeyvalq *out = evhttp_request_get_output_headers(req);
   struct evbuffer *body = evbuffer_new();
+  char id[REQUEST_ID_SIZE], json_body[400];
+  int anthropic = c && c->anthropic;
+  new_request_id(id);
+  int len = api_error_body(anthropic, status, message, id, json_body, sizeof json_body);
   evhttp_add_header(out, "Content-Type", "application/json");
+  evhttp_add_header(out, "x-request-id", id);
+  if (anthropic) evhttp_add_header(out, "request-id", id);
   evhttp_add_header(out, "Connection", "close");
-  if (body) evbuffer_add(body, json_body, strlen(json_body));
+  if (body) evbuffer_add(body, json_body, (size_t)len);
   evhttp_send_reply(req, status, reason_phrase(status), body);
   if (body) evbuffer_free(body);
 }
@@ -1674,20 +1723,16 @@ static void request_cb(struct evhttp_request *req, void *arg) {
    * than RFC 9112 frames it */
   const char *refusal = !c ? NULL
     : c->version == VERSION_MALFORMED
-      ? SERVER_ERROR("invalid_request_error",
-                     "a malformed request line: not method, target and HTTP/1.1, one space apart (RFC 9112 3)")
-    : c->head_nul ? SERVER_ERROR("invalid_request_error", "a NUL byte in the request's headers")
-    : c->folded ? SERVER_ERROR("invalid_request_error",
-                               "a header line folded onto the one before (obs-fold, RFC 9112 5.2)")
-    : c->chunk_bad == 1 ? SERVER_ERROR("invalid_request_error",
-                                       "a malformed chunked request body: a chunk size that is not a hexadecimal number")
-    : c->chunk_bad == 4 ? SERVER_ERROR("invalid_request_error",
-                                       "a malformed chunked request body: a chunk's data not followed by its line end")
+      ? "a malformed request line: not method, target and HTTP/1.1, one space apart (RFC 9112 3)"
+    : c->head_nul ? "a NUL byte in the request's headers"
+    : c->folded ? "a header line folded onto the one before (obs-fold, RFC 9112 5.2)"
+    : c->chunk_bad == 1 ? "a malformed chunked request body: a chunk size that is not a hexadecimal number"
+    : c->chunk_bad == 4 ? "a malformed chunked request body: a chunk's data not followed by its line end"
     : NULL;
   if (!refusal) refusal = framing_problem(req, &status);
-  char own[400];
-  if (c && c->version == VERSION_OTHER && own_error_body(c, 505, own, sizeof own) > 0) { /* (HTTP/0.x: libevent
-                                                                                        * refuses 2 and later) */
+  char own[256];
+  if (c && c->version == VERSION_OTHER) { /* (HTTP/0.x: libevent refuses 2 and later) */
+    own_error_message(c, 505, own, sizeof own);
     status = 505;
     refusal = own;
   }
@@ -1704,29 +1749,25 @@ static void request_cb(struct evhttp_request *req, void *arg) {
     if (coding && evutil_ascii_strcasecmp(coding, "identity") != 0 && strlen(coding) < 64 &&
         !coding[strspn(coding, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_., ")]) {
       snprintf(own, sizeof own,
-               "{\"type\":\"error\",\"error\":{\"type\":\"invalid_request_error\",\"message\":\"the request body "
-               "came with Content-Encoding: %s, which this server does not decode: send it uncompressed\",\"param\":null,"
-               "\"code\":null}}\n",
+               "the request body came with Content-Encoding: %s, which this server does not decode: send it uncompressed",
                coding);
       evhttp_add_header(evhttp_request_get_output_headers(req), "Accept-Encoding", "identity");
       status = 415;
       refusal = own;
     } else if (at < body_len) {
-      snprintf(own, sizeof own,
-               "{\"type\":\"error\",\"error\":{\"type\":\"invalid_request_error\",\"message\":\"the request body is not "
-               "valid JSON: it is not UTF-8 (byte 0x%02X at offset %zu)\",\"param\":null,\"code\":null}}\n",
+      snprintf(own, sizeof own, "the request body is not valid JSON: it is not UTF-8 (byte 0x%02X at offset %zu)",
                bytes[at], at);
       refusal = own;
     }
   }
   if (refusal) {
     if (c) evtimer_del(c->ev); /* read in time; the reply closes it */
-    refuse_request(req, status, refusal);
+    refuse_request(req, c, status, refusal);
     return;
   }
   pending *p = c ? calloc(1, sizeof *p) : NULL;
   if (!p) { /* (no memory) */
-    refuse_request(req, 503, SERVER_ERROR("api_error", "the server cannot take this request now; retry"));
+    refuse_request(req, c, 503, "the server cannot take this request now; retry");
     return;
   }
   evtimer_del(c->ev); /* read in time */

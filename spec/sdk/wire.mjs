@@ -243,6 +243,14 @@ await check('the server\'s own refusals (413, 431, 408) reach each SDK as an API
     model: 'anthropic/claude-sonnet-4-5-20250929', max_tokens: 10, messages: [{ role: 'user', content: 'hi' }] }),
   Anthropic.RequestTimeoutError, 'anthropic 408');
   expect(t.type === 'invalid_request_error' && /not read in time/.test(t.apiMessage), `408: ${t.type} ${t.apiMessage}`);
+  // each with its request id, as every other answer (the SDKs' requestID was undefined on these alone),
+  // and Anthropic's in its body too, as the API's error bodies name it
+  for (const [name, e] of Object.entries({ o, a, c, h, ah, t })) {
+    expect(typeof e.requestID === 'string' && e.requestID.startsWith('req_'), `${name} requestID ${e.requestID}`);
+  }
+  for (const [name, e] of Object.entries({ a, c, ah, t })) {
+    expect(e.error?.request_id === e.requestID, `${name} body request_id ${JSON.stringify(e.error)}`);
+  }
 });
 
 // an endpoint of either SDK the gateway does not serve (Anthropic's Files API, OpenAI's): a 404 in
