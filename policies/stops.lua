@@ -54,27 +54,84 @@ function stops.cut(res, list)
     res.stop_reason, res.stop_sequence, res.refusal = "stop_sequence", which, nil
   end
 end
--- a relayed OpenAI answer (a reasoning model an alias serves, which was sent no stop) cut as stops.cut
+-- content given as a list of parts (Mistral's reasoning models: text and thinking parts; OpenAI's
+-- content parts): its text is that of its text parts (a thinking part's is not the answer)
+local function is_text_part(part)
+  return type(part) == "table" and type(part.text) == "string" and (part.type == "text" or part.type == nil)
+end
+-- such a list cut where its text parts, joined, hold the first stop -> true if it held one
+local function cut_parts(parts, list)
+  local texts = {}
+  for _, part in ipairs(parts) do
+    if is_text_part(part) then texts[#texts + 1] = part.text end
+  end
+  local at = texts[1] and stops.find(table.concat(texts), list)
+  if not at then return false end
+  local before, n = 0, #parts -- (the text bytes in the parts before; the parts past the stop left out)
+  for i = 1, n do
+    local part = parts[i]
+    if is_text_part(part) then
+      if before + #part.text >= at then
+        part.text = part.text:sub(1, at - 1 - before)
+        for j = n, i + 1, -1 do parts[j] = nil end
+        break
+      end
+      before = before + #part.text
+    end
+  end
+  return true
+end
+
+-- a relayed OpenAI answer (a reasoning model an alias serves, which was sent no stop) cut as
+-- stops.cut; its content a string, or a list of parts (Mistral's: a stop in them was missed)
 function stops.cut_raw(raw, list)
   local choice = type(raw.choices) == "table" and raw.choices[1]
   local message = type(choice) == "table" and type(choice.message) == "table" and choice.message
-  local at = message and type(message.content) == "string" and stops.find(message.content, list)
-  if at then message.content, choice.finish_reason, message.tool_calls = message.content:sub(1, at - 1), "stop", nil end
+  local content = message and message.content
+  local met = false
+  if type(content) == "string" then
+    local at = stops.find(content, list)
+    if at then message.content, met = content:sub(1, at - 1), true end
+  elseif type(content) == "table" then
+    met = cut_parts(content, list)
+  end
+  if met then choice.finish_reason, message.tool_calls = "stop", nil end
 end
 -- a relayed OpenAI chunk's text through a cutter -> the stop it met | nil (the chunk then ends the
--- answer); the last chunk (its finish_reason) carries what the cutter held
+-- answer); the last chunk (its finish_reason) carries what the cutter held. A delta's content may
+-- be a list of parts (see cut_parts): each text part through the cutter, the parts after a stop
+-- left out.
 function stops.through(cutter, data)
   local choice = type(data.choices) == "table" and data.choices[1]
   local delta = type(choice) == "table" and type(choice.delta) == "table" and choice.delta
   if not delta then return nil end
-  local content = type(delta.content) == "string" and delta.content or ""
-  local text, met = cutter.feed(content)
+  local parts = type(delta.content) == "table" and delta.content or nil
+  local text, met = "", nil
+  if parts then
+    local n = #parts
+    for i = 1, n do
+      local part = parts[i]
+      if is_text_part(part) then
+        part.text, met = cutter.feed(part.text)
+        if met then
+          for j = n, i + 1, -1 do parts[j] = nil end
+          break
+        end
+      end
+    end
+  else
+    text, met = cutter.feed(type(delta.content) == "string" and delta.content or "")
+  end
   if met then
     choice.finish_reason, delta.tool_calls = "stop", nil
   elseif type(choice.finish_reason) == "string" then
     text = text .. cutter.rest()
   end
-  if type(delta.content) == "string" or text ~= "" then delta.content = text end
+  if parts then
+    if text ~= "" then parts[#parts + 1] = { type = "text", text = text } end
+  elseif type(delta.content) == "string" or text ~= "" then
+    delta.content = text
+  end
   return met
 end
 -- a stream's deltas through the stops: feed(delta) -> the text to send now, the stop it met | nil;

@@ -423,3 +423,63 @@ describe("gateway: who asked, at Anthropic", function()
     assert.are.same({ "alice", "alice" }, { sent[1].metadata.user_id, sent[2].metadata and sent[2].metadata.user_id })
   end)
 end)
+
+describe("gateway: stop sequences in an answer whose content is a list of parts", function()
+  -- (a compatible server's reasoning model, Mistral's Magistral, answers with content as a list of
+  -- thinking and text parts, whole and in each delta: the stop sequences the gateway applies looked
+  -- at content strings only, and the relayed answer went on past "</answer>")
+  local THOUGHT = { type = "thinking", thinking = { { type = "text", text = "not here: </answer>" } } }
+  local function chunk(delta, finish)
+    return "data: " .. json.encode({ id = "chatcmpl-1", object = "chat.completion.chunk", created = 1,
+      model = "gpt-5", choices = { { index = 0, delta = delta, finish_reason = finish or json.null } } }) .. "\n\n"
+  end
+  it("end the relayed answer at the first stop in its text parts (not its thinking), streamed or not", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = function(req)
+      if json.decode(req.body).stream then
+        return { status = 200, headers = { ["content-type"] = "text/event-stream" }, body = table.concat({
+          chunk({ role = "assistant", content = { THOUGHT } }),
+          chunk({ content = { { type = "text", text = "The answer is 4.</ans" } } }),
+          chunk({ content = { { type = "text", text = "wer> And" }, { type = "text", text = " more." } } }),
+          chunk({ content = { { type = "text", text = " Still more." } } }),
+          chunk({}, "stop"),
+          "data: " .. json.encode({ id = "chatcmpl-1", object = "chat.completion.chunk", created = 1,
+            model = "gpt-5", choices = setmetatable({}, json.array_mt),
+            usage = { prompt_tokens = 5, completion_tokens = 12, total_tokens = 17 } }) .. "\n\n",
+          "data: [DONE]\n\n" }) }
+      end
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "chatcmpl-1", object = "chat.completion", created = 1, model = "gpt-5", choices = { { index = 0,
+          message = { role = "assistant", content = { THOUGHT, { type = "text", text = "The answer is 4.</ans" },
+            { type = "text", text = "wer> And more." }, { type = "text", text = " Still more." } } },
+          finish_reason = "length" } }, usage = { prompt_tokens = 5, completion_tokens = 12, total_tokens = 17 } }) }
+    end } }))
+    local url = helpers.gateway_for_mock(m, { auth = false, key_cache = 0, models = { smart = "openai/gpt-5" } },
+      finally)
+    local req = { model = "smart", messages = MSGS, stop = { "</answer>" } }
+    local res = post(url .. "/v1/chat/completions", req)
+    assert.are.equal(200, res.status, res.body)
+    local choice = json.decode(res.body).choices[1]
+    assert.are.same({ THOUGHT, { type = "text", text = "The answer is 4." } }, choice.message.content)
+    assert.are.equal("stop", choice.finish_reason)
+    req.stream = true
+    res = post(url .. "/v1/chat/completions", req)
+    assert.are.equal(200, res.status, res.body)
+    local text, finish = {}, nil
+    for data in res.body:gmatch("data: ([^\n]+)") do
+      local c = data ~= "[DONE]" and json.decode(data)
+      local choice1 = c and c.choices[1]
+      local content = choice1 and choice1.delta.content
+      if type(content) == "string" then text[#text + 1] = content end
+      for _, part in ipairs(type(content) == "table" and content or {}) do
+        if part.type == "text" then text[#text + 1] = part.text end
+      end
+      if choice1 and choice1.finish_reason ~= json.null then finish = choice1.finish_reason end
+    end
+    assert.are.same({ "The answer is 4.", "stop" }, { table.concat(text), finish }, res.body)
+    assert.matches('"text":"not here: <\\/answer>"', res.body, 1, true) -- (the thinking relayed as it came)
+    assert.matches("data: %[DONE%]\n\n$", res.body)
+  end)
+end)
