@@ -233,6 +233,7 @@ local function caller_of(name, adapter, conf, req)
   o.validate = function(res, wire)
     if res.stream then -- a stream that delivered its first delta, or ended
       if res.empty then return nil, "empty content (the stream ended before any text)" end
+      if res.bad_calls then return nil, res.bad_calls end
       return true
     end
     local data, why = classify.decoded(res)
@@ -1635,12 +1636,35 @@ end
 -- Anthropic's stop_reason refusal) or paused in a server tool (the caller's
 -- validate reads `empty`); read to its end (req.read_whole), its text
 local answered_empty = require("policies.messages").answered_empty
+
+-- A stream's tool calls that no client can take -> why | nil: one whose name was no string (left
+-- out of the answer without a word, which still said tool_use), or whose arguments, whole, are
+-- not a JSON object (an Anthropic client was handed them as its tool_use input, and its SDK broke
+-- on them), unless the answer was cut at max_tokens: invalid output, as such a whole answer is
+-- (policies/providers/openai.lua), tried again and fallen back from
+local function bad_stream_calls(state)
+  local cut = state.finish_reason == "length"
+  for i, c in ipairs(state.tool_calls or {}) do
+    if c.name == nil then
+      -- (a call with neither id nor arguments is a gap the provider left in its indexes: no call)
+      if c.id ~= nil or c.pieces[1] ~= nil then return ("tool call %d: its function name is not a string"):format(i) end
+    elseif not cut and c.pieces[1] ~= nil then
+      local args = table.concat(c.pieces)
+      local v = args ~= "" and json.decode(args)
+      if v ~= false and (type(v) ~= "table" or v[1] ~= nil or getmetatable(v) == json.array_mt) then
+        return ("tool call %d (%s): its arguments are not a JSON object"):format(i, c.name)
+      end
+    end
+  end
+  return nil
+end
+
 local function ended_stream(s, state, events, whole)
   s:close()
   local text = whole and table.concat(whole) or ""
   return { status = 200, headers = s.headers, stream = true, state = state, ended = true, events = events,
     text = text, empty = text == "" and not answered_empty[state.finish_reason] and not state.tool_calls
-      and not state.refusal_pieces or nil }
+      and not state.refusal_pieces or nil, bad_calls = state.tool_calls and bad_stream_calls(state) or nil }
 end
 
 -- Open a stream and read it up to its first delta: until then a failure is
@@ -1676,7 +1700,7 @@ local function stream_opener(t, req, refused)
   wire.cancel_grace = STATUS_GRACE
   -- (a result the call will take, the guard's until open() does; an empty one is refused instead)
   local function opened(res)
-    if refused and not res.empty then refused.opened = res end
+    if refused and not res.empty and not res.bad_calls then refused.opened = res end
     return res
   end
   -- one attempt: o.state, o.whole (the text read, when read to the end) and o.handed (a stream

@@ -507,8 +507,13 @@ local function anthropic_answer(r, id, model)
   local text = (r.text or "") ~= "" and r.text or type(r.refusal) == "string" and r.refusal or ""
   if text ~= "" then content[1] = { type = "text", text = text } end
   for _, c in ipairs(r.tool_calls or {}) do
-    content[#content + 1] = { type = "tool_use", id = c.id, name = c.name, input = json.decode(c.arguments or "{}")
-      or partial_object(c.arguments) or {} }
+    -- (an object, whatever the arguments were: a cut answer's that are whole JSON but no object,
+    -- "[1, 2", cut at max_tokens as "[1, 2]" say, were its input, on which the SDK broke)
+    local input = json.decode(c.arguments or "{}")
+    if type(input) ~= "table" or input[1] ~= nil or getmetatable(input) == json.array_mt then
+      input = partial_object(c.arguments) or {}
+    end
+    content[#content + 1] = { type = "tool_use", id = c.id, name = c.name, input = input }
   end
   -- (stop_details, container and diagnostics are null, not absent, as the API writes them: the
   -- SDK's types say so, and code that tests `stop_details !== null` for a refusal read an

@@ -296,3 +296,133 @@ describe("compatible answers: content as a list of parts (Mistral's reasoning mo
     assert.are.equal(4, calls)
   end)
 end)
+
+describe("garbage answers: a tool call whose name is no string, or whose arguments are not a JSON object", function()
+  -- (an OpenAI-compatible server's: its name 5 reached an Anthropic client as the tool_use's name,
+  -- and, streamed, the call was left out without a word (stop_reason still tool_use); arguments
+  -- streamed as "[1,2]" reached it as its input, on which its SDK broke. Invalid output now,
+  -- whole and streamed: each answer billed, tried again, then the model's fallback serves.)
+  local streams = require "spec.provider_streams"
+  local TOOLS = { { name = "get_weather", input_schema = { type = "object" } } }
+  local garbage, asked
+  local function openai_upstream(req)
+    asked = asked + 1
+    local b = json.decode(req.body)
+    local f = { name = garbage.name, arguments = garbage.arguments }
+    if b.stream then
+      return streams.reply(chunk({ role = "assistant", content = json.null, tool_calls = { { index = 0, id = "call_1",
+        type = "function", ["function"] = f } } }) .. chunk({}, "tool_calls") .. "data: " .. json.encode({ id = "c1",
+        object = "chat.completion.chunk", created = 1, model = "gpt-4o-mini", choices = setmetatable({}, json.array_mt),
+        usage = { prompt_tokens = 5, completion_tokens = 2, total_tokens = 7 } }) .. "\n\ndata: [DONE]\n\n")
+    end
+    return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+      id = "chatcmpl-x", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+      choices = { { index = 0, message = { role = "assistant", content = json.null, tool_calls = { { id = "call_1",
+        type = "function", ["function"] = f } } }, finish_reason = "tool_calls" } },
+      usage = { prompt_tokens = 5, completion_tokens = 2, total_tokens = 7 } }) }
+  end
+  local function anthropic_upstream(req)
+    local call = { id = "toolu_1", name = "get_weather", arguments = '{"city":"Paris"}' }
+    if json.decode(req.body).stream then
+      return streams.reply(streams.anthropic({ tool_calls = { call }, stop_reason = "tool_use" }))
+    end
+    return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+      id = "msg_x", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
+      content = { { type = "tool_use", id = call.id, name = call.name, input = { city = "Paris" } } },
+      stop_reason = "tool_use", stop_sequence = json.null, usage = { input_tokens = 5, output_tokens = 2 } }) }
+  end
+
+  -- (an answer cut at max_tokens is passed on, its arguments as far as they parse: whole JSON but no
+  -- object, "[1,2]", was its input as it came)
+  it("cut at max_tokens, its arguments not an object: the tool_use input is {}, whole and streamed", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = function(req)
+      local f = { name = "get_weather", arguments = "[1,2]" }
+      if json.decode(req.body).stream then
+        return streams.reply(chunk({ role = "assistant", content = json.null, tool_calls = { { index = 0,
+          id = "call_1", type = "function", ["function"] = f } } }) .. chunk({}, "length") .. "data: [DONE]\n\n")
+      end
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "chatcmpl-x", object = "chat.completion", created = 1, model = "gpt-4o-mini",
+        choices = { { index = 0, message = { role = "assistant", content = json.null, tool_calls = { { id = "call_1",
+          type = "function", ["function"] = f } } }, finish_reason = "length" } },
+        usage = { prompt_tokens = 5, completion_tokens = 2, total_tokens = 7 } }) }
+    end } }))
+    local url = helpers.gateway_for_mock(m, { auth = false, key_cache = 0, models = {} }, finally)
+    for _, stream in ipairs({ false, true }) do
+      local res = assert(http.request({ method = "POST", url = url .. "/v1/messages", headers = HEADERS,
+        body = json.encode({ model = GPT, max_tokens = 100, stream = stream or nil, tools = TOOLS,
+          messages = { { role = "user", content = "weather?" } } }) }))
+      assert.are.equal(200, res.status, res.body)
+      local input, stop
+      if stream then
+        local partial = ""
+        for data in res.body:gmatch("data: ([^\n]+)") do
+          local d = json.decode(data)
+          if d.type == "content_block_delta" then partial = partial .. d.delta.partial_json end
+          if d.type == "message_delta" then stop = d.delta.stop_reason end
+        end
+        input = partial
+      else
+        local msg = json.decode(res.body)
+        input, stop = json.encode(msg.content[1].input), msg.stop_reason
+      end
+      assert.are.same({ "{}", "max_tokens" }, { input, stop }, res.body)
+    end
+  end)
+
+  it("is invalid output, whole and streamed: billed, tried again, then the fallback's answer", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = openai_upstream,
+      ["POST /v1/messages"] = anthropic_upstream } }))
+    local url, _, ai = helpers.gateway_for_mock(m, { auth = false, key_cache = 0,
+      models = { tools = { model = GPT, fallback = { CLAUDE } } } }, finally)
+    -- (no retry budget: its share of this spec's sixteen retries in a second would end some early)
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456",
+      retry = { base = 0.001, cap = 0.005, budget = false } })
+    local rows = 0
+    for _, g in ipairs({ { name = 5, arguments = '{"city":"Paris"}' }, { name = json.null, arguments = "{}" },
+      { name = "get_weather", arguments = "[1,2]" }, { name = "get_weather", arguments = '"Paris"' } }) do
+      garbage = g
+      for _, stream in ipairs({ false, true }) do
+        asked = 0
+        local res = assert(http.request({ method = "POST", url = url .. "/v1/messages", headers = HEADERS,
+          body = json.encode({ model = "tools", max_tokens = 100, stream = stream or nil, tools = TOOLS,
+            messages = { { role = "user", content = "weather?" } } }) }))
+        local what = json.encode(g) .. (stream and " streamed" or "")
+        assert.are.equal(200, res.status, what .. ": " .. res.body)
+        local use, stop
+        if stream then
+          local partial = ""
+          for data in res.body:gmatch("data: ([^\n]+)") do
+            local d = json.decode(data)
+            if d.type == "content_block_start" and d.content_block.type == "tool_use" then use = d.content_block end
+            if d.type == "content_block_delta" and d.delta.type == "input_json_delta" then
+              partial = partial .. d.delta.partial_json
+            end
+            if d.type == "message_delta" then stop = d.delta.stop_reason end
+          end
+          if use then use.input = json.decode(partial) end
+        else
+          local msg = json.decode(res.body)
+          use, stop = msg.content[1], msg.stop_reason
+        end
+        -- (the fallback's call, whole: a name, an object for its input)
+        assert.are.same({ "tool_use", "get_weather", { city = "Paris" }, "tool_use" },
+          { use and use.type, use and use.name, use and use.input, stop }, what .. ": " .. res.body)
+        assert.are.equal(3, asked, what) -- (the primary tried again, as for any invalid output)
+        rows = rows + 4
+        -- each garbage answer billed once, and the fallback's
+        assert.is_true(helpers.wait_until(function()
+          local n = 0
+          for _, r in ipairs(resil.cost.breakdown("model")) do n = n + r.calls end
+          return n == rows
+        end, 5), what)
+      end
+    end
+  end)
+end)

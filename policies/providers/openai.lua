@@ -347,9 +347,12 @@ local function tool_calls_of(calls, cut)
     -- (a call that is null, or whose function is null or a number, is garbage: it raised 'attempt
     -- to index' out of the call, after the answer had been paid for)
     local f = type(c) == "table" and c["function"]
-    if f == nil and type(c) == "table" then f = {} end -- (a call of another type: "custom")
-    if type(f) ~= "table" then
+    if f == nil and type(c) == "table" then f = {} -- (a call of another type: "custom")
+    elseif type(f) ~= "table" then
       return nil, ("tool call %d: not an object with a function {name, arguments}"):format(i)
+    -- (a name that is no string, 5 or null, reached an Anthropic client as its tool_use's name)
+    elseif type(f.name) ~= "string" or f.name == "" then
+      return nil, ("tool call %d: its function name is not a string"):format(i)
     end
     local args = arguments_text(f)
     -- (what some compatible servers send for a tool without parameters: "{}", as the API sends it,

@@ -10,7 +10,8 @@ resil.log.level("off")
 resil.store_config({ url = arg[1] })
 local json = resil.json
 
--- each API's stream of a tool call whose arguments come in 20 pieces: a client can leave midway
+-- each API's stream of a tool call whose arguments (a JSON object) come in 20 pieces and its two
+-- ends: a client can leave midway
 local PIECE = ("x"):rep(200)
 local function openai_tool_stream()
   local function chunk(delta, finish)
@@ -18,8 +19,9 @@ local function openai_tool_stream()
       choices = { { index = 0, delta = delta, finish_reason = finish or json.null } } }) .. "\n\n"
   end
   local c = { chunk({ role = "assistant", content = "Saving." }),
-    chunk({ tool_calls = { { index = 0, id = "call_1", type = "function", ["function"] = { name = "save", arguments = "" } } } }) }
+    chunk({ tool_calls = { { index = 0, id = "call_1", type = "function", ["function"] = { name = "save", arguments = '{"data":"' } } } }) }
   for _ = 1, 20 do c[#c + 1] = chunk({ tool_calls = { { index = 0, ["function"] = { arguments = PIECE } } } }) end
+  c[#c + 1] = chunk({ tool_calls = { { index = 0, ["function"] = { arguments = '"}' } } } })
   c[#c + 1] = chunk({}, "tool_calls")
   c[#c + 1] = "data: " .. json.encode({ id = "c1", object = "chat.completion.chunk", created = 1, model = "gpt-4o-mini",
     choices = setmetatable({}, json.array_mt), usage = { prompt_tokens = 20, completion_tokens = 1000,
@@ -36,7 +38,9 @@ local function anthropic_tool_stream()
   ev("message_start", { message = { id = "m1", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
     content = setmetatable({}, json.array_mt), usage = { input_tokens = 20, output_tokens = 1 } } })
   ev("content_block_start", { index = 0, content_block = { type = "tool_use", id = "toolu_1", name = "save", input = {} } })
+  ev("content_block_delta", { index = 0, delta = { type = "input_json_delta", partial_json = '{"data":"' } })
   for _ = 1, 20 do ev("content_block_delta", { index = 0, delta = { type = "input_json_delta", partial_json = PIECE } }) end
+  ev("content_block_delta", { index = 0, delta = { type = "input_json_delta", partial_json = '"}' } })
   ev("content_block_stop", { index = 0 })
   ev("message_delta", { delta = { stop_reason = "tool_use" }, usage = { output_tokens = 1000 } })
   ev("message_stop", {})
