@@ -412,11 +412,14 @@ local function openai_tool_calls(calls)
   return out
 end
 
--- OpenAI's finish_reasons; another (the normalized "pause" of Anthropic's pause_turn, a
--- compatible server's own) is "stop" for an OpenAI client, whose SDK types know these only
-local OPENAI_FINISH = { stop = true, length = true, tool_calls = true, content_filter = true, function_call = true }
+-- OpenAI's finish_reasons; another is said as the nearest of them to an OpenAI client, whose SDK
+-- types know these only: Anthropic's pause_turn (normalized "pause": its server tool's loop paused,
+-- the turn not done) is "length", an answer cut before its end (as "stop" it said the answer was
+-- whole: a silent truncation; docs/decisions.md), a compatible server's own is "stop"
+local OPENAI_FINISH = { stop = "stop", length = "length", tool_calls = "tool_calls", content_filter = "content_filter",
+  function_call = "function_call", pause = "length" }
 local function openai_finish(f)
-  return OPENAI_FINISH[f] and f or "stop"
+  return OPENAI_FINISH[f] or "stop"
 end
 -- a provider's reason that is no string (5, {}, true: garbage the SDKs' enums do not have) -> true;
 -- relayed, it is written as the answer translated would say it (ai.chat takes it as unknown).

@@ -483,3 +483,45 @@ describe("gateway: stop sequences in an answer whose content is a list of parts"
     assert.matches("data: %[DONE%]\n\n$", res.body)
   end)
 end)
+
+describe("gateway: Anthropic's pause_turn to an OpenAI client", function()
+  -- (a server tool's loop that Anthropic paused, its turn not done: "stop" told the OpenAI client
+  -- the answer was whole, a silent truncation; "length" is the SDK's word for an answer cut short)
+  local streams = require "spec.provider_streams"
+  local TEXT = "Let me search for that."
+  it("is finish_reason length, whole and streamed, with tools or without", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/messages"] = function(req)
+      if json.decode(req.body).stream then
+        return streams.reply(streams.anthropic({ content = TEXT, stop_reason = "pause_turn" }))
+      end
+      return { status = 200, headers = { ["content-type"] = "application/json" }, body = json.encode({
+        id = "msg_up", type = "message", role = "assistant", model = "claude-sonnet-4-5-20250929",
+        content = { { type = "text", text = TEXT }, { type = "server_tool_use", id = "srvtoolu_1", name = "web_search",
+          input = { query = "weather" } } }, stop_reason = "pause_turn", stop_sequence = json.null,
+        usage = { input_tokens = 5, output_tokens = 7, server_tool_use = { web_search_requests = 1 } } }) }
+    end } }))
+    local url = helpers.gateway_for_mock(m, { auth = false, key_cache = 0, models = {} }, finally)
+    for _, tools in ipairs({ false, true }) do
+      local req = { model = "anthropic/claude-sonnet-4-5-20250929", messages = MSGS,
+        tools = tools and { { type = "web_search_20250305", name = "web_search", max_uses = 3 } } or nil }
+      local res = post(url .. "/v1/chat/completions", req)
+      assert.are.equal(200, res.status, res.body)
+      local choice = json.decode(res.body).choices[1]
+      assert.are.same({ TEXT, "length" }, { choice.message.content, choice.finish_reason }, res.body)
+      req.stream = true
+      res = post(url .. "/v1/chat/completions", req)
+      assert.are.equal(200, res.status, res.body)
+      local text, finish = {}, nil
+      for data in res.body:gmatch("data: ([^\n]+)") do
+        local c = data ~= "[DONE]" and json.decode(data)
+        local choice1 = c and c.choices[1]
+        if choice1 and type(choice1.delta.content) == "string" then text[#text + 1] = choice1.delta.content end
+        if choice1 and choice1.finish_reason ~= json.null then finish = choice1.finish_reason end
+      end
+      assert.are.same({ TEXT, "length" }, { table.concat(text), finish }, res.body)
+    end
+  end)
+end)

@@ -3397,9 +3397,10 @@ describe("gateway: streams across APIs and from unusual providers", function()
     assert.is_true(usage.completion_tokens > 0)
   end)
 
-  it("an Anthropic pause_turn reaches an OpenAI client as finish_reason stop, one of OpenAI's, whole and streamed", function()
+  it("an Anthropic pause_turn reaches an OpenAI client as finish_reason length, one of OpenAI's, whole and streamed", function()
     -- (the adapter's normalized "pause" was written as it was: a finish_reason the OpenAI API never
-    -- sends, outside the SDKs' types, that an app's switch on it did not know)
+    -- sends, outside the SDKs' types, that an app's switch on it did not know; then "stop", which
+    -- said the turn was whole: "length", an answer that ended before its end, docs/decisions.md)
     local url = start({ routes = { ["POST /v1/messages"] = function(req)
       if json.decode(req.body).stream then
         return streams.reply(streams.anthropic({ content = "Searching now.", stop_reason = "pause_turn" }))
@@ -3412,7 +3413,7 @@ describe("gateway: streams across APIs and from unusual providers", function()
     local body = { model = "anthropic/claude-sonnet-4-5-20250929", messages = MSGS }
     local res = post(url .. "/v1/chat/completions", body)
     assert.are.equal(200, res.status, res.body)
-    assert.are.equal("stop", json.decode(res.body).choices[1].finish_reason)
+    assert.are.equal("length", json.decode(res.body).choices[1].finish_reason)
     assert.are.equal("Searching now.", json.decode(res.body).choices[1].message.content)
     local tools = { { type = "function", ["function"] = { name = "a", parameters = { type = "object" } } } }
     for _, extra in ipairs({ {}, { tools = tools } }) do -- (a text stream, and one read whole for its tools)
@@ -3423,7 +3424,7 @@ describe("gateway: streams across APIs and from unusual providers", function()
         local c = ev.data ~= "[DONE]" and json.decode(ev.data)
         if c and c.choices and c.choices[1] and c.choices[1].finish_reason ~= json.null then finish = c.choices[1].finish_reason end
       end
-      assert.are.equal("stop", finish)
+      assert.are.equal("length", finish)
       assert.are.equal("[DONE]", evs[#evs].data)
     end
   end)
