@@ -1455,11 +1455,17 @@ static int out_of_memory(lua_State *L, int status) {
 
 /* L stack: error -> nothing; logs it with the request it came from */
 static void log_handler_error(lua_State *L, pending *p, const char *msg) {
-  lua_createtable(L, 0, 2);
+  /* (the id its client got in the error answered, to find this line by) */
+  const char *id = evhttp_find_header(evhttp_request_get_output_headers(p->req), "x-request-id");
+  lua_createtable(L, 0, 3);
   lua_insert(L, -2);
   lua_setfield(L, -2, "error");
   lua_pushfstring(L, "%s %s", method_name(p->req), evhttp_request_get_uri(p->req));
   lua_setfield(L, -2, "request");
+  if (id) {
+    lua_pushstring(L, id);
+    lua_setfield(L, -2, "request_id");
+  }
   host_log(L, "error", msg);
 }
 
