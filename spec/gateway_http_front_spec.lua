@@ -100,6 +100,10 @@ describe("the gateway's HTTP front: bodies that are JSON but not an object", fun
       for _, c in ipairs({
         { '{"model":"fast","messages":[{"role":"user","content":"hi"}]', "found T_END at character" },
         { '{"model":"fast","messages":[{"role":"user","content":"cut \\ud83d"}]}', "invalid unicode escape code at character" },
+        -- (a raw NUL byte: inside a string it was "unexpected end of string"; after the object, it and
+        -- what followed it were dropped unread, and the request served)
+        { '{"model":"fast","messages":[{"role":"user","content":"a\0b"}]}', "a NUL byte at character 56" },
+        { '{"model":"fast","messages":[{"role":"user","content":"hi"}]}\0{"model":"other"}', "a NUL byte at character 61" },
       }) do
         local res = post(url .. case[1], c[1])
         assert.are.equal(400, res.status, c[1])

@@ -311,6 +311,18 @@ describe("resil.json", function()
     assert.is_string(err.message)
   end)
 
+  -- (cjson reads a NUL as the text's end: '{"a":1}' and anything after a NUL decoded as that
+  -- object, what followed dropped unread; one inside a string was "unexpected end of string")
+  it("refuses a NUL byte anywhere in the text, saying where", function()
+    for _, text in ipairs({ '{"a":1}\0{"b":2}', '[1,2]\0', '"a\0b"' }) do
+      local v, err = resil.json.decode(text)
+      assert.is_nil(v, text)
+      assert.are.equal("invalid_json", err.kind)
+      assert.matches("a NUL byte at character " .. text:find("\0", 1, true), err.message, 1, true)
+    end
+    assert.are.equal("a\0b", resil.json.decode('"a\\u0000b"')) -- (written as JSON writes it: read)
+  end)
+
   it("has a null sentinel", function()
     local t = resil.json.decode('{"a":null}')
     assert.are.equal(resil.json.null, t.a)

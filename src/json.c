@@ -240,10 +240,18 @@ static void unmark_table(lua_State *L, const marker *m, int depth) {
   }
 }
 
-/* json.decode(text) -> value | nil, err (kind invalid_json) */
+/* json.decode(text) -> value | nil, err (kind invalid_json). A NUL byte is
+ * none of JSON's (in a string it is written \u0000), and cjson reads one as
+ * the text's end: what followed it was dropped unread ('{"a":1}\0anything'
+ * decoded), and one inside a string was "unexpected end of string". */
 static int json_decode(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
+  const char *nul = memchr(s, '\0', len);
+  if (nul)
+    return resil_error_result(L, "invalid_json",
+                              "a NUL byte at character %d: JSON holds none (in a string it is written \\u0000)",
+                              (int)(nul - s) + 1);
   const marker *m = marker_of(L);
   lua_settop(L, 1);
   int marked = may_need_marks(s, len) && mark_text(L, s, len, m);
