@@ -2311,7 +2311,8 @@ local function model_by_id(req, id)
   -- echoed as they came, the 404 was a body no client could read)
   local shown = id:sub(1, MODEL_MAX)
   if not utf8.len(shown) then
-    for cut = 1, 3 do
+    -- (the bound's cut only: "a\xFFb", whole, was shown as 'a', another model's id)
+    for cut = 1, #id > MODEL_MAX and 3 or 0 do
       if utf8.len(shown:sub(1, -cut - 1)) then shown = shown:sub(1, -cut - 1) break end
     end
     if not utf8.len(shown) then shown = shown:gsub("[\128-\255]", "?") end
@@ -2556,14 +2557,16 @@ function gateway.handle(req)
     reply = with_request_id(model_by_id(req, one_model), models_api(req))
   else
     -- (a HEAD's message names GET, as its GET's does: its Content-Length is the GET's body's)
-    local allow = allowed_methods(path)
+    -- (the path as UTF-8: bytes of a request line that are not, echoed as they came, made a body that
+    -- is not JSON, RFC 8259 8.1)
+    local allow, shown = allowed_methods(path), valid_utf8(req.path)
     -- (with its request id, as every other answer: the SDKs' error.requestID was null)
     local api = api_of(path, req.headers)
     if allow then
-      reply = with_request_id(error_reply(api, 405, ("%s %s is not allowed: %s only"):format(method, req.path, allow),
+      reply = with_request_id(error_reply(api, 405, ("%s %s is not allowed: %s only"):format(method, shown, allow),
         { code = "method_not_allowed", headers = { allow = allow } }), api)
     else
-      reply = with_request_id(error_reply(api, 404, ("no route %s %s"):format(method, req.path),
+      reply = with_request_id(error_reply(api, 404, ("no route %s %s"):format(method, shown),
         { code = "unknown_url" }), api)
     end
   end

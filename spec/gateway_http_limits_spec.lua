@@ -235,6 +235,24 @@ describe("the gateway's HTTP front, limits and versions", function()
     assert.are.equal(before, chats())
   end)
 
+  -- (before: a request line's bytes that are not UTF-8 were echoed in the 404's message as
+  -- they came, a body no strict JSON reader (RFC 8259 8.1) takes; and a model id's, "a\xFFb", was
+  -- shown as 'a', another model's id)
+  it("a path or a model id that is not UTF-8 is shown as UTF-8 in the 404 that names it", function()
+    for _, case in ipairs({
+      { "POST /v1/\xFF\xFE HTTP/1.1", "^no route POST /v1/\u{FFFD}\u{FFFD}$" },
+      { "GET /v1/models/a\xFFb HTTP/1.1", "^The model 'a%?b' does not exist" },
+      { "GET /v1/models/a%FFb HTTP/1.1", "^The model 'a%?b' does not exist" },
+      { "PUT /v1/chat/completions\xFF HTTP/1.1", "^no route PUT /v1/chat/completions\u{FFFD}$" },
+    }) do
+      local lines, body, text = ask(case[1] .. "\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+      assert.are.same({ "HTTP/1.1 404 Not Found" }, lines, text)
+      assert.is_table(body, text)
+      assert.matches(case[2], body.error.message)
+      assert.is_truthy(utf8.len(text:match("\r\n\r\n(.*)$")), text)
+    end
+  end)
+
   -- (before: libevent read "//x/metrics" as an authority x and the path /metrics, so a proxy in
   -- front that refused /metrics, or allowed /v1/ only, passed on what the gateway served as such)
   it("a request-target starting with // is that path (RFC 9112 3.2.1), not an authority and the rest", function()
