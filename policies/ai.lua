@@ -233,7 +233,7 @@ local function caller_of(name, adapter, conf, req)
   o.validate = function(res, wire)
     if res.stream then -- a stream that delivered its first delta, or ended
       if res.empty then return nil, "empty content (the stream ended before any text)" end
-      if res.bad_calls then return nil, res.bad_calls end
+      if res.unusable then return nil, res.unusable end
       return true
     end
     local data, why = classify.decoded(res)
@@ -1659,12 +1659,19 @@ local function bad_stream_calls(state)
   return nil
 end
 
+-- unusable: why the answer is invalid output though it ended (its tool calls, bad_stream_calls; a
+-- compatible server's stream it ended unfinished, saying so: vLLM's finish_reason "abort", an
+-- engine's abort or shutdown, "error": a cut answer, as the whole one is, policies/providers/openai.lua)
+local UNFINISHED = { abort = true, error = true }
 local function ended_stream(s, state, events, whole)
   s:close()
   local text = whole and table.concat(whole) or ""
+  local f = state.finish_reason
   return { status = 200, headers = s.headers, stream = true, state = state, ended = true, events = events,
-    text = text, empty = text == "" and not answered_empty[state.finish_reason] and not state.tool_calls
-      and not state.refusal_pieces or nil, bad_calls = state.tool_calls and bad_stream_calls(state) or nil }
+    text = text, empty = text == "" and not answered_empty[f] and not state.tool_calls
+      and not state.refusal_pieces or nil,
+    unusable = UNFINISHED[f] and ("the server ended the answer unfinished (finish_reason %q)"):format(f)
+      or state.tool_calls and bad_stream_calls(state) or nil }
 end
 
 -- Open a stream and read it up to its first delta: until then a failure is
@@ -1700,7 +1707,7 @@ local function stream_opener(t, req, refused)
   wire.cancel_grace = STATUS_GRACE
   -- (a result the call will take, the guard's until open() does; an empty one is refused instead)
   local function opened(res)
-    if refused and not res.empty and not res.bad_calls then refused.opened = res end
+    if refused and not res.empty and not res.unusable then refused.opened = res end
     return res
   end
   -- one attempt: o.state, o.whole (the text read, when read to the end) and o.handed (a stream

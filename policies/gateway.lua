@@ -1195,6 +1195,17 @@ end
 -- the client's stop sequences where the provider was not sent them (policies/stops.lua)
 local stops = require "policies.stops"
 
+-- An answer a compatible server ended unfinished, saying so in a finish_reason of its own: vLLM's
+-- "abort" (an engine's abort, scale-down or shutdown: a 200, then [DONE]), "error". Relayed as it
+-- came, or translated as "stop" / end_turn, a client took the cut answer for a whole one; its
+-- stream ends with an error event instead, as one the upstream broke (the SDKs raise). (A whole
+-- answer so ended is invalid output: policies/providers/openai.lua.) -> the error | nil
+local UNFINISHED = { abort = true, error = true }
+local function unfinished(f)
+  if not UNFINISHED[f] then return nil end
+  return { kind = "stream_interrupted", message = ("the upstream ended the answer unfinished (finish_reason %q)"):format(f) }
+end
+
 local function openai_stream(s, first, id, model, b, headers, stop_list)
   local chunk, usage_chunk = openai_chunks(id, model, b)
   return { status = 200, headers = headers, cut = stream_error("openai", CUT_MESSAGE, "gateway_stopping"),
@@ -1218,6 +1229,8 @@ local function openai_stream(s, first, id, model, b, headers, stop_list)
     -- streamed, and nothing more is written, or paid, for an answer the client has whole)
     if stopped then s:close() end
     local r, ended = s:result()
+    local cut_short = not stopped and r and unfinished(r.finish_reason)
+    if cut_short then return write(broken("openai", cut_short), true) end
     -- (its ending: a stop adds nothing after it)
     write(chunk({}, stopped and "stop" or openai_finish(r and r.finish_reason)), true)
     if stopped and type(ended) == "table" then r = ended end -- (its usage as recorded)
@@ -1267,6 +1280,8 @@ local function anthropic_stream(s, first, id, model, headers, req, stop_list)
     -- (at a stop the provider's stream is closed and recorded as what it streamed: see openai_stream)
     if stopped then s:close() end
     local r, ended = s:result()
+    local cut_short = not stopped and r and unfinished(r.finish_reason)
+    if cut_short then return write(broken("anthropic", cut_short), true) end
     r = r or (stopped and type(ended) == "table" and { usage = ended.usage, stop_reason = "stop_sequence",
       stop_sequence = stopped }) or {}
     -- (an OpenAI refusal: the text of the answer)
@@ -1328,6 +1343,10 @@ local function own_stream(s, api, id, b, headers, stop_list)
             and data.choices[1] == nil)) then
           data.id, data.model = "chatcmpl-" .. id, b.model
           garbage_reason(nil, data.choices)
+          local choices = data.choices
+          local c1 = type(choices) == "table" and choices[1]
+          local cut_short = type(c1) == "table" and unfinished(c1.finish_reason)
+          if cut_short then c1.finish_reason = null end -- (its delta relayed, then the error)
           local met = cutter and stops.through(cutter, data)
           if not with_usage then data.usage = nil end
           if type(data.usage) == "table" then usage_sent = true end
@@ -1338,6 +1357,7 @@ local function own_stream(s, api, id, b, headers, stop_list)
             local _, ended = s:result()
             return relay_done(write, s, id, b, with_usage and not usage_sent, type(ended) == "table" and ended or nil)
           end
+          if cut_short then return write(broken(api, cut_short), true) end -- (no [DONE]: the client's SDK raises)
         end
       elseif ev.event == "message_start" and type(data) == "table" and type(data.message) == "table" then
         data.message.id, data.message.model = "msg_" .. id, b.model

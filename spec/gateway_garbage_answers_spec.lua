@@ -426,3 +426,86 @@ describe("garbage answers: a tool call whose name is no string, or whose argumen
     end
   end)
 end)
+
+describe("compatible answers: one the server ended unfinished (vLLM's finish_reason abort)", function()
+  -- (vLLM ends a request its engine aborts, scales down or shuts down under with a 200,
+  -- finish_reason "abort" and [DONE]: relayed as it came, or translated as "stop" / end_turn, each
+  -- client took the cut answer for a whole one. Whole, or read to its end, it is invalid output,
+  -- tried again, then the fallback's; streamed past its first delta, an error event, no end.)
+  local streams = require "spec.provider_streams"
+  local asked
+  local function vllm(req)
+    asked = asked + 1
+    if json.decode(req.body).stream then
+      return streams.reply(chunk({ role = "assistant", content = "" }) .. chunk({ content = "The answer is" }) ..
+        chunk({}, "abort") .. "data: [DONE]\n\n")
+    end
+    return openai_answer("The answer is", "abort")
+  end
+  local function claude(req)
+    if json.decode(req.body).stream then
+      return streams.reply(streams.anthropic({ content = "whole", stop_reason = "end_turn" }))
+    end
+    return anthropic_answer("whole", "end_turn")
+  end
+
+  local function post(url, api, model, stream, tools)
+    return assert(http.request({ method = "POST", url = url .. path_of(api), headers = HEADERS,
+      body = json.encode({ model = model, max_tokens = 100, stream = stream or nil,
+        tools = tools and (api == "openai" and { { type = "function", ["function"] = { name = "f",
+          parameters = { type = "object" } } } } or { { name = "f", input_schema = { type = "object" } } }) or nil,
+        messages = { { role = "user", content = "hi" } } }) }))
+  end
+
+  it("whole, or read to its end: invalid output, tried again, then the fallback's answer", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = vllm, ["POST /v1/messages"] = claude } }))
+    local url, _, ai = helpers.gateway_for_mock(m, { auth = false, key_cache = 0,
+      models = { local_llm = { model = GPT, fallback = { CLAUDE } } } }, finally)
+    ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456",
+      retry = { base = 0.001, cap = 0.005, budget = false } })
+    -- (an Anthropic client's stream with tools is read to its end before a byte is sent)
+    for _, case in ipairs({ { "openai" }, { "anthropic" }, { "anthropic", true, true } }) do
+      local api, stream, tools = case[1], case[2], case[3]
+      asked = 0
+      local res = post(url, api, "local_llm", stream, tools)
+      local what = api .. (stream and " streamed" or "")
+      assert.are.equal(200, res.status, what .. ": " .. res.body)
+      assert.matches("whole", res.body, 1, true)
+      assert.is_nil(res.body:find("The answer is", 1, true), what .. ": " .. res.body)
+      assert.are.equal(3, asked, what)
+    end
+  end)
+
+  it("streamed past its first delta: the client's stream ends with an error event, relayed or translated", function()
+    resil.clock.real()
+    resil.log.level("off")
+    resil.store_config({ url = helpers.tmpname(".db") })
+    local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = vllm } }))
+    local url = helpers.gateway_for_mock(m, { auth = false, key_cache = 0, models = {} }, finally)
+    for _, api in ipairs({ "openai", "anthropic" }) do
+      asked = 0
+      local res = post(url, api, GPT, true)
+      assert.are.equal(200, res.status, res.body)
+      assert.matches("The answer is", res.body, 1, true) -- (what it streamed, as it came)
+      assert.matches('finish_reason \\"abort\\"', res.body, 1, true) -- (the error saying why)
+      if api == "openai" then
+        assert.matches('data: {"error":', res.body, 1, true)
+        assert.is_nil(res.body:find("[DONE]", 1, true), res.body)
+        assert.is_nil(res.body:find('"finish_reason":"abort"', 1, true), res.body)
+      else
+        assert.matches("event: error\n", res.body, 1, true)
+        assert.is_nil(res.body:find("message_stop", 1, true), res.body)
+        assert.is_nil(res.body:find("end_turn", 1, true), res.body)
+      end
+      assert.are.equal(1, asked)
+    end
+    -- (each recorded once, as what it streamed)
+    assert.is_true(helpers.wait_until(function()
+      local rows = resil.cost.breakdown("model")[1]
+      return rows and rows.calls == 2
+    end, 5))
+  end)
+end)

@@ -582,9 +582,15 @@ end
 function openai.complete(state, done) return done and (state.finish_reason ~= nil or state.finish_unknown == true) end
 
 -- a 200 whose body is not a usable completion is invalid output (retried)
+-- (so is one a compatible server ended unfinished, saying so: vLLM's finish_reason "abort", an
+-- engine's abort or shutdown, "error"; passed on, it was a cut answer taken for a whole one)
+local UNFINISHED = { abort = true, error = true }
 function openai.validate(data)
   local r, why = openai.parse(data)
   if not r then return nil, why end
+  if UNFINISHED[r.finish_reason] then
+    return nil, ("the server ended the answer unfinished (finish_reason %q)"):format(r.finish_reason)
+  end
   if r.text:match("^%s*$") and not r.tool_calls and not messages.answered_empty[r.finish_reason] and not r.refusal
     and not r.other_output then
     return nil, "empty content"
