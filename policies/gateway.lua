@@ -279,7 +279,13 @@ local function ai_error_reply(api, err)
   end
   if type(err) ~= "table" and policy_bug(err) then err = policy_error(err) end
   if type(err) ~= "table" then
-    return error_reply(api, 400, public_message((tostring(err):gsub("^[^:]*:%d+: ", ""))))
+    local text = tostring(err):gsub("^[^:]*:%d+: ", "")
+    -- (a body within the 1000 levels read, deeper once in the other API's shape: its 400 was
+    -- "http request: cannot encode 'json': Cannot serialise, excessive nesting (1001)")
+    if text:find("excessive nesting", 1, true) then
+      text = "the request is nested more than 1000 levels deep in the shape of the API that serves it"
+    end
+    return error_reply(api, 400, public_message(text))
   end
   local status = status_of(err)
   local headers = {}
