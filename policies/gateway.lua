@@ -1178,13 +1178,17 @@ local function stream_error(api, message, code, etype)
 end
 -- the type of the provider's own error event, when it is one of Anthropic's: its SDK's
 -- error.type (an overloaded_error a client backs off on was an api_error)
-local ANTHROPIC_TYPES = {}
-for _, t in pairs(ANTHROPIC_TYPE) do ANTHROPIC_TYPES[t] = true end
-local function broken(api, err)
-  access.stream_failed(err.kind or "stream_interrupted") -- (its access line says it)
-  local cause = type(err.cause) == "table" and err.cause.error
-  local etype = api == "anthropic" and type(cause) == "table" and ANTHROPIC_TYPES[cause.type] and cause.type or nil
-  return stream_error(api, public_message(err.message or err.kind), err.kind or "stream_interrupted", etype)
+-- (in a block: a project's copy of this file needs room for locals of its own, Lua's 200 a chunk)
+local broken
+do
+  local ANTHROPIC_TYPES = {}
+  for _, t in pairs(ANTHROPIC_TYPE) do ANTHROPIC_TYPES[t] = true end
+  function broken(api, err)
+    access.stream_failed(err.kind or "stream_interrupted") -- (its access line says it)
+    local cause = type(err.cause) == "table" and err.cause.error
+    local etype = api == "anthropic" and type(cause) == "table" and ANTHROPIC_TYPES[cause.type] and cause.type or nil
+    return stream_error(api, public_message(err.message or err.kind), err.kind or "stream_interrupted", etype)
+  end
 end
 
 -- s:next() or s:next_event(), a raise (an event of the provider's that an
@@ -1206,9 +1210,8 @@ local stops = require "policies.stops"
 -- came, or translated as "stop" / end_turn, a client took the cut answer for a whole one; its
 -- stream ends with an error event instead, as one the upstream broke (the SDKs raise). (A whole
 -- answer so ended is invalid output: policies/providers/openai.lua.) -> the error | nil
-local UNFINISHED = { abort = true, error = true }
 local function unfinished(f)
-  if not UNFINISHED[f] then return nil end
+  if f ~= "abort" and f ~= "error" then return nil end
   return { kind = "stream_interrupted", message = ("the upstream ended the answer unfinished (finish_reason %q)"):format(f) }
 end
 
