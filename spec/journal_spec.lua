@@ -106,6 +106,11 @@ os.exit(0)
       assert.are.equal(4, kept, r.stderr)
       assert.are.equal(1, #files(), r.stderr)
       start_redis()
+      -- a report reads the store and writes nothing to it, its journal's lines neither
+      local report = helpers.run(with_journal(folder) .. helpers.resil .. " costs --store '" .. url .. "'")
+      assert.are.equal(0, report.code, report.stderr)
+      assert.matches("total %$0%.000000", report.stdout)
+      assert.are.equal(1, #files())
       -- a process that opens the store writes them; a second one finds nothing left to write
       assert.are.same({ 4, "1.250000" }, { ledger(folder, url, 4) })
       assert.are.same({}, files())

@@ -324,6 +324,7 @@ local function own_error(err)
 end
 
 local function open_store(url, key, opts)
+  local reading = opts and opts.existing -- (a command that reads the store: it writes no journal to it)
   local backend, err
   if url:match("^redis://") or url:match("^rediss://") then
     backend, err = backends.redis(url)
@@ -351,7 +352,7 @@ local function open_store(url, key, opts)
   opened[key] = s
   opened[url] = s
   -- (what a process before this one kept for it, written to it first: src/lua/journal.lua)
-  require("resil.journal").opened(backend, key, url)
+  if not reading then require("resil.journal").opened(backend, key, url) end
   return s
 end
 
