@@ -1366,7 +1366,10 @@ local function own_stream(s, api, id, b, headers, stop_list)
             local _, ended = s:result()
             return relay_done(write, s, id, b, with_usage and not usage_sent, type(ended) == "table" and ended or nil)
           end
-          if cut_short then return write(broken(api, cut_short), true) end -- (no [DONE]: the client's SDK raises)
+          if cut_short then -- (read on to its end, unrelayed: the usage chunk after it is what is recorded)
+            repeat local more = safely(s, "next_event") until not more
+            return write(broken(api, cut_short), true)
+          end
         end
       elseif ev.event == "message_start" and type(data) == "table" and type(data.message) == "table" then
         data.message.id, data.message.model = "msg_" .. id, b.model

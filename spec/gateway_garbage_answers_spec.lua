@@ -508,4 +508,33 @@ describe("compatible answers: one the server ended unfinished (vLLM's finish_rea
       return rows and rows.calls == 2
     end, 5))
   end)
+
+  it("streamed past its first delta: recorded at the usage the provider sent after it, for either client", function()
+    -- (the usage chunk comes after the finish's, as asked with include_usage: an OpenAI client's
+    -- relay ended at the abort, the stream closed before it, and the call was priced from an
+    -- estimate of what streamed, $0.000004 for what the provider billed $0.015)
+    local streams = require "spec.provider_streams"
+    local usd = {}
+    for _, finish in ipairs({ "stop", "abort" }) do
+      for _, api in ipairs({ "openai", "anthropic" }) do
+        resil.clock.real()
+        resil.log.level("off")
+        resil.store_config({ url = helpers.tmpname(".db") })
+        local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = function()
+          return streams.reply(streams.openai({ content = "The answer is", finish_reason = finish,
+            usage = { prompt_tokens = 100000, completion_tokens = 100000 } }))
+        end } }))
+        local url = helpers.gateway_for_mock(m, { auth = false, key_cache = 0, models = {} }, finally)
+        local res = post(url, api, GPT, true)
+        assert.are.equal(200, res.status, res.body)
+        assert.is_true(helpers.wait_until(function()
+          local rows = resil.cost.breakdown("model")[1]
+          return rows and rows.calls == 1
+        end, 5))
+        usd[#usd + 1] = resil.cost.breakdown("model")[1].usd
+      end
+    end
+    -- (gpt-4o-mini's 100,000 tokens in at $0.15/M, and its output at most max_tokens' 100 at $0.60/M)
+    assert.are.same({ 0.01506, 0.01506, 0.01506, 0.01506 }, usd)
+  end)
 end)

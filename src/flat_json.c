@@ -562,6 +562,7 @@ static int chat_parse(lua_State *L) {
 
 static int chat_parser(lua_State *L) {
   lua_settop(L, 1);
+  luaL_checkstack(L, C_LAST, "chat parser");
   for (int i = 0; i < C_LAST - 1; i++) lua_pushstring(L, CHAT[i]);
   lua_pushcclosure(L, chat_parse, C_LAST);
   return 1;
