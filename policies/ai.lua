@@ -1645,7 +1645,9 @@ local answered_empty = require("policies.messages").answered_empty
 local function bad_stream_calls(state)
   local cut = state.finish_reason == "length"
   for i, c in ipairs(state.tool_calls or {}) do
-    if c.name == nil then
+    if c.custom then
+      -- (a "custom" call, GPT-5's free-form tools: no function name or JSON arguments to check)
+    elseif c.name == nil then
       -- (a call with neither id nor arguments is a gap the provider left in its indexes: no call)
       if c.id ~= nil or c.pieces[1] ~= nil then return ("tool call %d: its function name is not a string"):format(i) end
     elseif not cut and c.pieces[1] ~= nil then

@@ -427,6 +427,37 @@ describe("garbage answers: a tool call whose name is no string, or whose argumen
   end)
 end)
 
+describe("a streamed call of a custom tool (GPT-5's free-form tools: no function, its input text)", function()
+  it("is relayed, not refused for a function name, whether or not the stream is read to its end first", function()
+    -- (a stream a server labels application/json is read to its end: its calls were checked as
+    -- function calls, and the answer was refused after 3 paid tries, a 502; relayed as it came, or
+    -- whole, the same call passed)
+    for _, ctype in ipairs({ "text/event-stream", "application/json" }) do
+      local asked = 0
+      resil.clock.real()
+      resil.log.level("off")
+      resil.store_config({ url = helpers.tmpname(".db") })
+      local m = assert(resil.mock.start({ routes = { ["POST /v1/chat/completions"] = function()
+        asked = asked + 1
+        return { status = 200, headers = { ["content-type"] = ctype }, body =
+          chunk({ role = "assistant", content = json.null }) ..
+          chunk({ tool_calls = { { index = 0, id = "call_1", type = "custom", custom = { name = "run", input = "" } } } }) ..
+          chunk({ tool_calls = { { index = 0, custom = { input = "print(1)" } } } }) .. chunk({}, "tool_calls") ..
+          "data: [DONE]\n\n" }
+      end } }))
+      local url, _, ai = helpers.gateway_for_mock(m, { auth = false, key_cache = 0, models = {} }, finally)
+      ai.configure("openai", { base_url = m.url .. "/v1", api_key = "sk-test-123456",
+        retry = { base = 0.001, cap = 0.005, budget = false } })
+      local res = assert(http.request({ method = "POST", url = url .. "/v1/chat/completions", headers = HEADERS,
+        body = json.encode({ model = GPT, stream = true, tools = { { type = "custom", custom = { name = "run" } } },
+          messages = { { role = "user", content = "hi" } } }) }))
+      assert.are.equal(200, res.status, ctype .. ": " .. res.body)
+      assert.matches("print(1)", res.body, 1, true)
+      assert.are.equal(1, asked, ctype)
+    end
+  end)
+end)
+
 describe("compatible answers: one the server ended unfinished (vLLM's finish_reason abort)", function()
   -- (vLLM ends a request its engine aborts, scales down or shuts down under with a 200,
   -- finish_reason "abort" and [DONE]: relayed as it came, or translated as "stop" / end_turn, each

@@ -496,6 +496,9 @@ local function gather_calls(state, deltas)
       arguments_text(f)
       if type(d.id) == "string" and d.id ~= "" then c.id = d.id end
       if type(f.name) == "string" and f.name ~= "" then c.name = f.name end
+      -- (a call of another type, "custom" (GPT-5's free-form tools), has no function: taken as
+      -- tool_calls_of takes it whole, not refused for a function name it never has)
+      if d.type == "custom" or type(d.custom) == "table" then c.custom = true end
       if type(f.arguments) == "string" and f.arguments ~= "" then
         c.pieces[#c.pieces + 1] = f.arguments
         state.extra_bytes = (state.extra_bytes or 0) + #f.arguments
