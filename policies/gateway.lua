@@ -785,11 +785,11 @@ local function decode_body(body)
   return b, err
 end
 
--- what its 400 says: a body nested past the decoder's depth is JSON all the same (an object 1,001
+-- what its 400 says: a body nested past the decoder's depth (resil.json.max_depth) is JSON all the same (an object 1,001
 -- levels deep was told it was "not a JSON object")
 local function not_object_message(decode_err)
   if decode_err ~= nil and tostring(decode_err):find("too many nested", 1, true) then
-    return "the body is nested more than 1000 levels deep"
+    return ("the body is nested more than %d levels deep"):format(json.max_depth)
   end
   -- (and one that is no JSON, an object cut short or with a lone UTF-16 surrogate escape such as a
   -- JavaScript client's text sliced inside an emoji sends, says why and where: it was "not a JSON object")

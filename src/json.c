@@ -39,7 +39,12 @@
 extern int luaopen_cjson(lua_State *L);
 extern int luaopen_cjson_safe(lua_State *L);
 
-#define MAX_DEPTH 1000   /* cjson's own nesting limit, both ways */
+/* The nesting both ways, cjson's and this layer's walks (cjson's own default is 1000). Each
+ * level costs cjson some 100 bytes of the C stack, a walk's here as much: at 1000, JSON from
+ * outside (a resil_call's arguments, a provider's body) nested 999 deep overflowed the 64 KiB
+ * stack of a thread the README allows a host, and took the program down. 200 levels (Lua's own
+ * limit on nested C calls) take some 22 KiB, and leave the rest of 64 KiB to the host. */
+#define MAX_DEPTH 200
 #define EXACT_DIGITS 14  /* what cjson writes (%.14g) */
 #define TAG_LEN 16 /* hex digits: 64 random bits, never shown */
 
@@ -260,6 +265,11 @@ static int json_decode(lua_State *L) {
   lua_call(L, 1, 2);
   if (lua_isnil(L, -2)) {
     const char *why = lua_tostring(L, -1);
+    long where;
+    /* (cjson's "Found too many nested data structures (201) at character 201" named no limit) */
+    if (why && sscanf(why, "Found too many nested data structures (%*d) at character %ld", &where) == 1)
+      return resil_error_result(L, "invalid_json", "too many nested arrays and objects: more than %d levels at character %ld",
+                                MAX_DEPTH, where);
     return resil_error_result(L, "invalid_json", "%s", why ? why : "invalid JSON");
   }
   lua_pop(L, 1);
@@ -808,10 +818,16 @@ int luaopen_resil_json(lua_State *L) {
   lua_getfield(L, -1, "encode_sparse_array");
   lua_pushboolean(L, 1); /* a very sparse array becomes an object instead of an error */
   lua_call(L, 1, 0);
+  lua_getfield(L, -1, "encode_max_depth");
+  lua_pushinteger(L, MAX_DEPTH);
+  lua_call(L, 1, 0);
   lua_getfield(L, -1, "null");
   lua_setfield(L, module, "null");
   luaL_requiref(L, "cjson.safe", luaopen_cjson_safe, 0);
   int safe = lua_gettop(L);
+  lua_getfield(L, -1, "decode_max_depth");
+  lua_pushinteger(L, MAX_DEPTH);
+  lua_call(L, 1, 0);
 
   lua_newtable(L); /* json.array_mt: a table that is a list, empty or not */
   lua_pushliteral(L, "array");
@@ -841,6 +857,8 @@ int luaopen_resil_json(lua_State *L) {
   lua_setfield(L, module, "decode");
   lua_pushcfunction(L, json_utf8);
   lua_setfield(L, module, "utf8");
+  lua_pushinteger(L, MAX_DEPTH);
+  lua_setfield(L, module, "max_depth");
   lua_settop(L, module);
   return 1;
 }

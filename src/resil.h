@@ -214,7 +214,9 @@ RESIL_API int resil_reload_on_sighup(resil_t *R);
  * names fn, where it is defined and what);
  * RESIL_ERR_FAILED when it returned nil, err (resil_error(): "fn (file:line)
  * returned nil, kind: message"); RESIL_ERR_USAGE when fn is not a function,
- * json_args is not a JSON array ({} is an object), or resil_call was called from inside the
+ * json_args is not a JSON array ({} is an object) or nests arrays and objects more than 200
+ * levels deep (resil.json's limit: what fits the 64 KiB stack a host's thread needs at least;
+ * resil_error() says at which character), or resil_call was called from inside the
  * loop (from a task, a handler, a resil_call_async callback or any libevent
  * callback on the host's event base): use resil_call_async there;
  * RESIL_ERR_INTERRUPT after resil_interrupt (the call's task goes on and
