@@ -273,7 +273,9 @@ RESIL_API struct event_base *resil_event_base(resil_t *R);
  * ("interrupted" with steps running; a later host resumes it), and its
  * resil.once keys in flight, unsettled budget holds and shared breakers'
  * unreported half-open probes are released (those the store made for a task
- * that never resumed to see them too). From a callback
+ * that never resumed to see them too). Another process holding a SQLite
+ * store's write lock is waited for once, the store's timeout, for all of it;
+ * what could not be written is logged (each cost row by amount and id). From a callback
  * the host made (a resil_call_async done, a resil_register function), the
  * host is in use below it: it is closed once control is back with the
  * program, as the resil_* function that called back returns (resil_step then

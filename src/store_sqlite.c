@@ -114,6 +114,8 @@ typedef struct store_db {
   op *syncing;        /* the batch committed and being made durable */
   int sync_error;     /* errno of a failed sync: the store refuses operations from then on */
   int closing;        /* the detached ops written at close: a failed one's done is told closing = true */
+  struct timespec close_wait_from; /* the host closing: when its first write at close began (lock_wait_ms) */
+  int close_waited;                /* ...once it has */
   int unsynced;       /* commit_only batches committed since the last sync asked for */
   int unsynced_due;   /* their time came during a sync: synced after it (synced_cb) */
   int checkpointing;  /* 1: the syncer copies a long WAL, batches go on; 2: then what they
@@ -940,6 +942,31 @@ static double seconds_since(const struct timespec *t0) {
   return (double)(now.tv_sec - t0->tv_sec) + (double)(now.tv_nsec - t0->tv_nsec) / 1e9;
 }
 
+/* How long a write outside the loop may wait inside SQLite for another
+ * process's write lock, in ms: the store's timeout. As the host closes
+ * (resil_close: what embed_give_up writes for the run, resil.once keys, cost
+ * rows, budget holds and probes, then the queue as the store closes) its
+ * writes share one such wait, from the first of them, and no later than a
+ * graceful stop's end (R->close_by): each waited a timeout of its own, and
+ * with the lock held throughout a program's shutdown took five (25 s). One
+ * past it still tries once; what it could not write is said lost, row by
+ * row. */
+static int lock_wait_ms(store_db *d) {
+  if (!d->R->closing) return (int)(d->timeout * 1000);
+  if (!d->close_waited) {
+    clock_gettime(CLOCK_MONOTONIC, &d->close_wait_from);
+    d->close_waited = 1;
+  }
+  double left = d->timeout - seconds_since(&d->close_wait_from);
+  if (d->R->close_by > 0) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double by = d->R->close_by - ((double)now.tv_sec + (double)now.tv_nsec / 1e9);
+    if (by < left) left = by;
+  }
+  return left > 0 ? (int)(left * 1000) : 0;
+}
+
 /* A wait for another process's write lock begins (its timeout counts from
  * now); attempts: the back-off's step to start from */
 static void begin_lock_wait(store_db *d, int attempts) {
@@ -1413,7 +1440,7 @@ static int run_now(lua_State *L, const char *begin) {
  * loop) db:now may wait for the lock inside SQLite, up to the timeout. */
 static int db_blocking(lua_State *L) {
   store_db *d = check_db(L, 1);
-  sqlite3_busy_timeout(d->db, lua_toboolean(L, 2) ? (int)(d->timeout * 1000) : 0);
+  sqlite3_busy_timeout(d->db, lua_toboolean(L, 2) ? lock_wait_ms(d) : 0);
   return 0;
 }
 
@@ -1582,7 +1609,7 @@ static void commit_detached_at_close(lua_State *L, store_db *d) {
   end_lock_wait(d);
   int began = 0;
   if (!d->sync_error && !shm_broken(d)) {
-    sqlite3_busy_timeout(d->db, (int)(d->timeout * 1000));
+    sqlite3_busy_timeout(d->db, lock_wait_ms(d));
     began = exec_ctl(d, CTL_BEGIN) == SQLITE_OK;
     sqlite3_busy_timeout(d->db, 0);
   }
