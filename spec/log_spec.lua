@@ -24,6 +24,27 @@ describe("resil.log", function()
     assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ$", lines[1].ts)
   end)
 
+  -- (before: Lua caught a finalizer's error to go on collecting, and with no warn function set
+  -- dropped it: a __gc that was to release a hold or write a row failed without a word)
+  it("says a __gc finalizer's error, with its message, and what a script warn()s", function()
+    local lines = capture(function()
+      setmetatable({}, { __gc = function() error("the hold was not released") end })
+      collectgarbage()
+      collectgarbage()
+      warn("disk ", "almost full")
+    end)
+    local gc, warned
+    for _, l in ipairs(lines) do
+      if l.msg:find("__gc finalizer", 1, true) then gc = l end
+      if l.msg == "disk almost full" then warned = l end
+    end
+    assert.is_table(gc, "no line for the finalizer")
+    assert.are.equal("error", gc.level)
+    assert.matches("log_spec.lua:%d+: the hold was not released$", gc.error)
+    assert.is_table(warned, "no line for warn()")
+    assert.are.equal("warn", warned.level)
+  end)
+
   -- (names and short values are remembered as written, for speed: a secret registered after one
   -- was first written must still be redacted from it)
   it("redacts a secret registered after a field's name or value was first written", function()

@@ -96,6 +96,8 @@ struct resil {
   char interrupted_at[160]; /* "file:line: " of the Lua the interrupt stopped ("": none ran), for its report */
   int base_refused; /* event_base_loop refused to run: called from a callback of the base's own dispatch */
   lua_State *host_L;     /* the thread in host_pcall, if any */
+  lua_State *warn_L;     /* log.c: Lua's warnings (a __gc finalizer's error) are logged on this thread */
+  char warning[512];     /* ...the pieces of the one being said */
   const char *host_what; /* what it runs, for messages */
   char host_stop[256];   /* why its cap stopped it, raised again until it returns */
   int wake_pipe[2];
@@ -458,6 +460,7 @@ int luaopen_resil_log(lua_State *L);
 void host_log(lua_State *L, const char *level, const char *msg); /* pops a fields table */
 /* pops a fields table: written (-> 1) only where the program sends the host's logs, not stderr */
 int host_log_elsewhere(lua_State *L, const char *level, const char *msg);
+void log_warnings_init(resil_t *R); /* Lua's warnings into the log (lua_setwarnf) */
 int luaopen_resil_server(lua_State *L);
 int luaopen_resil_crypto(lua_State *L);
 int luaopen_resil_url(lua_State *L);

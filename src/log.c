@@ -674,6 +674,42 @@ int host_log_elsewhere(lua_State *L, const char *level, const char *msg) {
   return elsewhere;
 }
 
+/* Lua's warnings (lua_warning): the error a __gc finalizer raised, which Lua catches to go on
+ * collecting ("error in __gc (file:line: message)"), and a script's warn(). Without a warn
+ * function Lua drops them: a finalizer that raised (one that was to release a hold, close a
+ * file, write a row) failed without a word. Said in the log, from a thread of the log's own:
+ * the one that ran the finalizer is inside a collection step. Pieces are joined up to the
+ * buffer's size. */
+static void host_warn(void *ud, const char *msg, int tocont) {
+  resil_t *R = ud;
+  size_t used = strlen(R->warning);
+  if (!used && !tocont && msg[0] == '@') return; /* a control message ("@on"), for Lua's own console */
+  snprintf(R->warning + used, sizeof R->warning - used, "%s", msg);
+  if (tocont) return;
+  char text[sizeof R->warning];
+  memcpy(text, R->warning, sizeof text);
+  R->warning[0] = '\0'; /* (the log line may run a finalizer that warns again) */
+  lua_State *W = R->warn_L;
+  if (!W || !lua_checkstack(W, 4)) return;
+  static const char gc[] = "error in __gc";
+  const char *detail = strncmp(text, gc, sizeof gc - 1) == 0 ? strstr(text, " (") : NULL;
+  lua_createtable(W, 0, 1);
+  if (detail) { /* its message, without Lua's "error in __gc (...)" around it */
+    size_t len = strlen(detail + 2);
+    lua_pushlstring(W, detail + 2, len && detail[2 + len - 1] == ')' ? len - 1 : len);
+    lua_setfield(W, -2, "error");
+    host_log(W, "error", "a __gc finalizer raised an error; what it had left to do was not done");
+  } else {
+    host_log(W, "warn", text);
+  }
+}
+
+void log_warnings_init(resil_t *R) {
+  R->warn_L = lua_newthread(R->L);
+  luaL_ref(R->L, LUA_REGISTRYINDEX); /* (kept until the state closes) */
+  lua_setwarnf(R->L, host_warn, R);
+}
+
 static int log_debug(lua_State *L) { return log_at(L, LEVEL_DEBUG); }
 static int log_info(lua_State *L) { return log_at(L, LEVEL_INFO); }
 static int log_warn(lua_State *L) { return log_at(L, LEVEL_WARN); }

@@ -865,6 +865,7 @@ static resil_t *open_host(const resil_options *opts) {
   *(void **)lua_getextraspace(L) = NULL;
   lua_atpanic(L, host_panic);
   luaL_openlibs(L);
+  log_warnings_init(R);
   /* Generational GC: a gateway request's garbage dies young, and the
    * incremental collector's cycles over the whole heap (policies, registry,
    * caches) ran inside requests: p99 at one connection 0.92 -> 0.50 ms,
@@ -1203,6 +1204,7 @@ void resil_close(resil_t *R) {
     lua_close(R->L);
   }
   R->L = NULL;
+  R->warn_L = NULL;
   owners_close(R); /* (after the give-up above, which wrote in its name) */
   loop_close_watched(R, 0);
   watchdog_free(R);
