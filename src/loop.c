@@ -836,6 +836,12 @@ void loop_arm_runaway(resil_t *R) {
   atomic_store(&R->runaway_armed, atomic_load(&R->runaway_request));
   lua_sethook(t->co, runaway_hook, LUA_MASKCOUNT, 1);
   for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, 1);
+  /* A __gc finalizer that loops runs with the thread's hooks off (Lua's GCTM), and the hook
+   * never ran: the program waited for good (the CLI's stuck exit ended it). Turned on, the
+   * stop raises in the finalizer, which Lua catches (the log says it: log.c's warn function),
+   * and then in the task, which ends as any the watchdog stops. */
+  hooks_back_on(t->co);
+  for (nested_run *n = R->nested; n; n = n->outer) hooks_back_on(n->co);
 }
 
 /* From the watchdog's signal handler, between resumes in the turn `seq`
