@@ -97,6 +97,9 @@ struct resil {
   int base_refused; /* event_base_loop refused to run: called from a callback of the base's own dispatch */
   lua_State *host_L;     /* the thread in host_pcall, if any */
   lua_State *warn_L;     /* log.c: Lua's warnings (a __gc finalizer's error) are logged on this thread */
+  volatile sig_atomic_t finalizers_over; /* lua_close ran its last finalizer (resil.c): no Lua runs after */
+  struct resil *close_outer_host;        /* watchdog_host before resil_close (loop_close_watched) */
+  int close_reblock;                     /* ...and whether SIGURG was blocked */
   char warning[512];     /* ...the pieces of the one being said */
   const char *host_what; /* what it runs, for messages */
   char host_stop[256];   /* why its cap stopped it, raised again until it returns */
@@ -302,6 +305,7 @@ void loop_interrupt_running(resil_t *R); /* async-signal-safe */
 void loop_watch_running(resil_t *R);     /* async-signal-safe: a stop asked, the running task watched */
 void loop_arm_runaway(resil_t *R); /* from the watchdog's signal handler */
 void loop_arm_host(resil_t *R, unsigned long seq); /* ...between resumes: a host call's Lua (host_pcall) */
+void loop_arm_close(resil_t *R); /* ...as the host closes: a finalizer lua_close runs */
 void loop_close_watched(resil_t *R, int on);       /* resil_close: lua_close's finalizers timed (1), then not (0) */
 int loop_raise_runaway(lua_State *L, const char *how); /* a C function the watchdog's stop interrupted */
 /* the host's own Lua work outside any task (a full collection's finalizers), named: stuck there

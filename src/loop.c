@@ -859,6 +859,30 @@ void loop_arm_host(resil_t *R, unsigned long seq) {
   for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, instruction_hook, LUA_MASKCOUNT, 1);
 }
 
+/* A finalizer lua_close runs (resil_close) that ran the watchdog's limit:
+ * raised in once, where it runs, its hooks turned back on (Lua runs it with
+ * them off). Lua catches the error and goes on with the others; the log says
+ * it (log.c's warn function). */
+static void close_stop_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  resil_t *R = resil_from_lua(L);
+  lua_sethook(L, NULL, 0, 0);
+  char ran[32];
+  snprintf(ran, sizeof ran, "%.1f", atomic_load(&R->runaway_request_seconds));
+  luaL_where(L, 0);
+  lua_pushfstring(L, "%sthe host's close: a __gc finalizer ran %s s without yielding (--max-task-seconds=%s)",
+                  lua_tostring(L, -1), ran, R->max_task_seconds_text);
+  lua_error(L);
+}
+
+/* From the watchdog's signal handler (async-signal-safe: hooks only), while
+ * lua_close runs finalizers on the main thread; nothing once the last ran. */
+void loop_arm_close(resil_t *R) {
+  if (!R->L || R->finalizers_over) return;
+  lua_sethook(R->L, close_stop_hook, LUA_MASKCOUNT, 1);
+  hooks_back_on(R->L);
+}
+
 /* A finalizer runs with hooks off, so one that loops in the host's own
  * collection between turns held the loop for good, outside every resume.
  * The watchdog times the loop's turns (base_loop), and the stuck exit names
@@ -1766,17 +1790,22 @@ static void turns_unwatched(resil_t *R) {
 }
 
 /* resil_close: the finalizers lua_close runs (hooks off) are timed as a
- * turn of their own, so that one that loops ends the command with the stuck
- * exit's line instead of holding it for good. The signal's handler is not
- * pointed at the host (watchdog_host): it arms nothing while Lua's objects
- * are freed. */
+ * turn of their own, so that one that loops is stopped (loop_arm_close)
+ * instead of holding the program for good (the command's stuck exit ended
+ * it). The signal's handler finds the host until its last finalizer ran
+ * (R->finalizers_over): it arms nothing while Lua's objects are freed. */
 void loop_close_watched(resil_t *R, int on) {
   if (!on) {
     atomic_store_explicit(&R->turns_watched, 0, memory_order_release);
     atomic_store_explicit(&R->host_section, NULL, memory_order_relaxed);
+    watchdog_host = R->close_outer_host;
+    watchdog_signal_reblock(R->close_reblock);
     return;
   }
   watchdog_loop_thread(R);
+  R->close_reblock = watchdog_signal_unblock();
+  R->close_outer_host = watchdog_host;
+  watchdog_host = R;
   atomic_store(&R->host_section, "the host's close (a __gc finalizer run as the Lua state closes)");
   unsigned long seq = atomic_load(&R->resume_seq);
   atomic_store(&R->resume_seq, (seq | 1) + 1); /* a turn of its own, even */

@@ -119,6 +119,12 @@ static int host_os_exit(lua_State *L) {
   exit(status);
 }
 
+/* __gc of the state's oldest finalizable object: lua_close has run every other finalizer */
+static int finalizers_over(lua_State *L) {
+  resil_from_lua(L)->finalizers_over = 1;
+  return 0;
+}
+
 static int host_panic(lua_State *L) {
   const char *msg = lua_tostring(L, -1);
   redact_fprintf(resil_from_lua(L), stderr, "resil-lua: PANIC: unprotected error: %s\n", msg ? msg : "?");
@@ -864,6 +870,14 @@ static resil_t *open_host(const resil_options *opts) {
   /* new threads copy the main thread's extra space: NULL means "not a task" */
   *(void **)lua_getextraspace(L) = NULL;
   lua_atpanic(L, host_panic);
+  /* The state's oldest object with a finalizer: lua_close runs finalizers newest first, so when
+   * this one runs no Lua runs again (the watchdog's stop of a looping one is armed until then) */
+  lua_newuserdatauv(L, 0, 0);
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, finalizers_over);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  luaL_ref(L, LUA_REGISTRYINDEX);
   luaL_openlibs(L);
   log_warnings_init(R);
   /* Generational GC: a gateway request's garbage dies young, and the

@@ -148,7 +148,8 @@ RESIL_API const char *resil_error(resil_t *R);
  * policy that loops) is stopped with an error where it runs, "file:line:
  * task N (...) ran S s without yielding (--max-task-seconds=S)", as
  * max_instructions stops one (a __gc finalizer that loops in a task's
- * collection too, though Lua runs it with hooks off: the log says it), but
+ * collection or as resil_close closes the state too, though Lua runs it
+ * with hooks off: the log says it), but
  * at no cost while tasks yield (a thread of
  * the host's own looks at the loop four times a `seconds`). 0 turns it off
  * (the default; the CLI's gateway runs with 5). RESIL_ERR_USAGE for a

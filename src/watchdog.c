@@ -28,7 +28,10 @@
  * last resume or turn. Lua runs there outside every task: a server handler
  * without tasks or a reload's code (host_pcall: stopped as its cap stops it,
  * loop_arm_host), a __gc finalizer that a collection step in a C callback
- * runs (hooks off: the stuck exit). No cost a turn but one plain store.
+ * runs (hooks off: the stuck exit). A finalizer in a task's collection, or
+ * one lua_close runs as the host closes, has its hooks turned back on as the
+ * stop is armed (loop_arm_runaway, loop_arm_close). No cost a turn but one
+ * plain store.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -81,7 +84,8 @@ static void on_watchdog_signal(int signo, siginfo_t *info, void *context) {
   if (R) {
     unsigned long seq = atomic_load(&R->runaway_request);
     if (seq && atomic_load(&R->resume_seq) == seq) {
-      if (R->current) loop_arm_runaway(R);
+      if (R->closing) loop_arm_close(R); /* (lua_close's finalizers) */
+      else if (R->current) loop_arm_runaway(R);
       else if (seq & 1) arm_op(R, seq); /* a store op's function, in the group commit (watchdog_op_begin) */
       else loop_arm_host(R, seq);       /* between resumes: a host call's Lua, if one runs */
     }
