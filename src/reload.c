@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/inotify.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <dirent.h>
@@ -53,8 +54,16 @@ struct reload_state {
    * are, each RECHECK_SECONDS, and one warning says why. */
   int poll_all;
   int poll_errno;
+  /* the folder of each inotify watch (a change's file is stat'ed: when was it written?) */
+  struct watched_folder *folders;
+  size_t nfolders, cap_folders;
   char poll_dir[PATH_MAX];
   int poll_warned;
+};
+
+struct watched_folder {
+  int wd;
+  char *path;
 };
 
 struct link_seen {
@@ -267,19 +276,45 @@ static void debounce_cb(evutil_socket_t fd, short what, void *arg) {
   resil_reload(R);
 }
 
+static double wall_seconds(void) {
+  struct timespec now;
+  clock_gettime(CLOCK_REALTIME, &now);
+  return (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+}
+
+/* When the file an event names was last written or moved in (its ctime, which a copy that keeps
+ * mtimes, `cp -p`, still sets), in wall seconds; now for one that is gone or unknown */
+static double changed_at(reload_state *st, const struct inotify_event *ev, double now) {
+  for (size_t i = 0; i < st->nfolders; i++) {
+    if (st->folders[i].wd != ev->wd) continue;
+    char path[PATH_MAX];
+    struct stat sb;
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", st->folders[i].path, ev->name) >= sizeof path ||
+        stat(path, &sb) != 0)
+      return now;
+    return (double)sb.st_ctim.tv_sec + (double)sb.st_ctim.tv_nsec / 1e9;
+  }
+  return now;
+}
+
 static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
   resil_t *R = arg;
   char buf[8192] __attribute__((aligned(__alignof__(struct inotify_event))));
   int changed = 0, folders = 0;
+  double now = wall_seconds(), newest = 0;
   for (;;) {
     ssize_t n = read(fd, buf, sizeof buf);
     if (n <= 0) break;
     for (char *p = buf; p < buf + n;) {
       struct inotify_event *ev = (struct inotify_event *)p;
-      if (ev->len && is_policy_file(ev->name)) changed = 1;
+      if (ev->len && is_policy_file(ev->name)) {
+        changed = 1;
+        double at = changed_at(R->reload, ev, now);
+        if (at > newest) newest = at;
+      }
       /* the kernel's queue overflowed (a deploy writing thousands of files
        * while the loop was busy): what changed is lost, so reload */
-      if (ev->mask & IN_Q_OVERFLOW) changed = 1;
+      if (ev->mask & IN_Q_OVERFLOW) changed = 1, newest = now;
       /* a folder made or moved in (policies/providers replaced by `mv`): its
        * files are watched from now on, and what it brings is reloaded */
       if ((ev->mask & IN_ISDIR) && (ev->mask & (IN_CREATE | IN_MOVED_TO))) folders = 1;
@@ -289,12 +324,21 @@ static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
   if (folders) {
     /* frees this event with the others: nothing here touches it after */
     if (resil_watch(R, 1) != RESIL_OK) return;
-    changed = 1;
+    changed = 1, newest = now;
   }
-  if (changed) {
-    struct timeval quiet = {0, (long)(QUIET_SECONDS * 1e6)};
-    event_add(R->reload->debounce_ev, &quiet); /* re-adding restarts the wait */
+  if (!changed) return;
+  /* The quiet is counted from the last change, not from when the loop read it: a program that
+   * drives the host with resil_call alone has it read by each call's look, and the reload was
+   * put off past that call (and the next within 100 ms), an edit saved a minute before unseen */
+  double quiet = QUIET_SECONDS - (now - newest);
+  if (quiet > QUIET_SECONDS) quiet = QUIET_SECONDS; /* (a ctime ahead of this clock: a file from another machine) */
+  if (quiet <= 0) {
+    event_del(R->reload->debounce_ev);
+    debounce_cb(-1, 0, R);
+    return;
   }
+  struct timeval wait = {0, (long)(quiet * 1e6)};
+  event_add(R->reload->debounce_ev, &wait); /* re-adding restarts the wait */
 }
 
 /* An inotify watch on dir (IN_MOVED_FROM: a file moved out of the folder is gone as a deleted
@@ -302,7 +346,20 @@ static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
  * the first such folder noted for the warning (warn_polling), and files are stat'ed each second
  * instead (poll_all) */
 static int watch_folder(reload_state *st, const char *dir) {
-  if (inotify_add_watch(st->inotify_fd, dir, WATCH_MASK) >= 0) return 0;
+  int wd = inotify_add_watch(st->inotify_fd, dir, WATCH_MASK);
+  if (wd >= 0) {
+    for (size_t i = 0; i < st->nfolders; i++)
+      if (st->folders[i].wd == wd) return 0; /* (the same folder again, or by another path) */
+    if (st->nfolders == st->cap_folders) {
+      size_t cap = st->cap_folders ? st->cap_folders * 2 : 16;
+      struct watched_folder *grown = realloc(st->folders, cap * sizeof *grown);
+      if (!grown) return 0; /* (its changes are then timed from when they are read) */
+      st->folders = grown, st->cap_folders = cap;
+    }
+    char *path = strdup(dir);
+    if (path) st->folders[st->nfolders++] = (struct watched_folder){wd, path};
+    return 0;
+  }
   if (!st->poll_all) {
     st->poll_all = 1;
     st->poll_errno = errno;
@@ -382,6 +439,8 @@ static void watch_stop(reload_state *st) {
   st->inotify_ev = st->debounce_ev = st->recheck_ev = NULL;
   st->inotify_fd = -1;
   st->nlinks = 0;
+  for (size_t i = 0; i < st->nfolders; i++) free(st->folders[i].path);
+  st->nfolders = 0;
 }
 
 /* the roots' inodes now (0: missing); -> whether one changed since last time */
@@ -522,6 +581,7 @@ void reload_free(resil_t *R) {
   if (st->sighup_ev) event_free(st->sighup_ev);
   if (st->hup_reload_ev) event_free(st->hup_reload_ev);
   free(st->links);
+  free(st->folders);
   free(st);
   R->reload = NULL;
 }

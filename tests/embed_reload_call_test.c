@@ -1,7 +1,7 @@
 /*
  * embed_reload_call_test.c: a program that drives the host with resil_call
  * alone (no event base of its own, no resil_step) and asked for reloads on
- * SIGHUP: the next call runs the reloaded policy. Prints TAP lines; spec/run
+ * SIGHUP, or resil_watch: the next call runs the reloaded policy. Prints TAP lines; spec/run
  * counts them.
  */
 #include <signal.h>
@@ -64,6 +64,17 @@ int main(void) {
   check(call(R, "policies.versioned.version", NULL) == RESIL_ERR_INTERRUPT && call(R, "policies.versioned.version", NULL) ==
             RESIL_OK && strcmp(result, "[3]") == 0,
         "the next call reports the interrupt, running nothing, and the one after runs version 3");
+
+  /* resil_watch: the edit was read by the next call's look, and its 100 ms of quiet counted from
+   * then: that call, and any within 100 ms after it, ran the old version, however long ago it was
+   * saved */
+  check(resil_watch(R, 1) == RESIL_OK, "resil_watch on");
+  write_policy(policy, 4);
+  usleep(300 * 1000); /* (more than the 100 ms of quiet a watched edit waits for) */
+  called = call(R, "policies.versioned.version", NULL);
+  check(called == RESIL_OK && strcmp(result, "[4]") == 0,
+        "a policy edited 0.3 s before a call, watched: that call runs version 4");
+  if (called != RESIL_OK || strcmp(result, "[4]") != 0) printf("# got %.200s\n", result);
   resil_close(R);
 
   snprintf(command, sizeof command, "rm -rf %s", dir);
