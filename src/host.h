@@ -128,6 +128,7 @@ struct resil {
   struct resil *turns_outer_host;       /* watchdog_host before the loop was entered */
   int turns_reblock;                    /* the thread had SIGURG blocked before the loop was entered */
   _Atomic unsigned long runaway_request; /* the resume the watchdog stops (its hook raises only in it) */
+  _Atomic unsigned long runaway_hooks_back; /* ...still running it later: its hooks turned on (a finalizer's) */
   _Atomic double runaway_request_seconds; /* ...and how long it had run (both written by the watchdog's thread) */
   _Atomic int watch_paused;             /* > 0: what runs is the host's own long work (unwatched), not timed */
   char max_task_seconds_text[32];       /* --max-task-seconds as the messages write it */
@@ -306,6 +307,7 @@ void loop_watch_running(resil_t *R);     /* async-signal-safe: a stop asked, the
 void loop_arm_runaway(resil_t *R); /* from the watchdog's signal handler */
 void loop_arm_host(resil_t *R, unsigned long seq); /* ...between resumes: a host call's Lua (host_pcall) */
 void loop_arm_close(resil_t *R); /* ...as the host closes: a finalizer lua_close runs */
+void loop_hooks_back(resil_t *R); /* ...the stop armed and no hook ran since: in a finalizer, hooks off */
 void loop_close_watched(resil_t *R, int on);       /* resil_close: lua_close's finalizers timed (1), then not (0) */
 int loop_raise_runaway(lua_State *L, const char *how); /* a C function the watchdog's stop interrupted */
 /* the host's own Lua work outside any task (a full collection's finalizers), named: stuck there

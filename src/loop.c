@@ -836,10 +836,24 @@ void loop_arm_runaway(resil_t *R) {
   atomic_store(&R->runaway_armed, atomic_load(&R->runaway_request));
   lua_sethook(t->co, runaway_hook, LUA_MASKCOUNT, 1);
   for (nested_run *n = R->nested; n; n = n->outer) lua_sethook(n->co, runaway_hook, LUA_MASKCOUNT, 1);
-  /* A __gc finalizer that loops runs with the thread's hooks off (Lua's GCTM), and the hook
-   * never ran: the program waited for good (the CLI's stuck exit ended it). Turned on, the
-   * stop raises in the finalizer, which Lua catches (the log says it: log.c's warn function),
-   * and then in the task, which ends as any the watchdog stops. */
+}
+
+/* From the watchdog's signal handler, the stop armed a `seconds` ago and the
+ * same resume (or the host's close) still running: no hook ran, so no Lua
+ * instruction came with hooks on. A __gc finalizer that loops runs with its
+ * thread's hooks off (Lua's GCTM): the program waited for good (the CLI's
+ * stuck exit ended it). Turned on, the stop raises in the finalizer, which Lua
+ * catches (the log says it: log.c's warn function), then in the task, which
+ * ends as any the watchdog stops. (Not at the first stop: a finalizer that
+ * happened to run then, such as a dropped stream's that records its cost,
+ * would have been cut.) */
+void loop_hooks_back(resil_t *R) {
+  if (R->closing) {
+    if (R->L && !R->finalizers_over) hooks_back_on(R->L);
+    return;
+  }
+  task *t = R->current;
+  if (!t) return;
   hooks_back_on(t->co);
   for (nested_run *n = R->nested; n; n = n->outer) hooks_back_on(n->co);
 }
@@ -880,7 +894,6 @@ static void close_stop_hook(lua_State *L, lua_Debug *ar) {
 void loop_arm_close(resil_t *R) {
   if (!R->L || R->finalizers_over) return;
   lua_sethook(R->L, close_stop_hook, LUA_MASKCOUNT, 1);
-  hooks_back_on(R->L);
 }
 
 /* A finalizer runs with hooks off, so one that loops in the host's own

@@ -29,9 +29,9 @@
  * without tasks or a reload's code (host_pcall: stopped as its cap stops it,
  * loop_arm_host), a __gc finalizer that a collection step in a C callback
  * runs (hooks off: the stuck exit). A finalizer in a task's collection, or
- * one lua_close runs as the host closes, has its hooks turned back on as the
- * stop is armed (loop_arm_runaway, loop_arm_close). No cost a turn but one
- * plain store.
+ * one lua_close runs as the host closes, that is still running a `seconds`
+ * after the stop was armed has its hooks turned back on (loop_hooks_back).
+ * No cost a turn but one plain store.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -83,7 +83,9 @@ static void on_watchdog_signal(int signo, siginfo_t *info, void *context) {
   if ((forwarded & FORWARD_STOP) && R->stop_requested) loop_watch_running(R);
   if (R) {
     unsigned long seq = atomic_load(&R->runaway_request);
-    if (seq && atomic_load(&R->resume_seq) == seq) {
+    if (seq && atomic_load(&R->resume_seq) == seq && atomic_load(&R->runaway_hooks_back) == seq) {
+      loop_hooks_back(R); /* (asked again: no hook ran, a finalizer's are off) */
+    } else if (seq && atomic_load(&R->resume_seq) == seq) {
       if (R->closing) loop_arm_close(R); /* (lua_close's finalizers) */
       else if (R->current) loop_arm_runaway(R);
       else if (seq & 1) arm_op(R, seq); /* a store op's function, in the group commit (watchdog_op_begin) */
@@ -267,6 +269,12 @@ static void *watch_main(void *arg) {
     }
     if (now - seen_since < w->seconds) continue;
     if (atomic_load(&R->runaway_request) == seq) { /* asked once already */
+      /* another `seconds` and still the same: no hook ran (a finalizer's, which Lua runs with
+       * hooks off), asked again to turn them on (loop_hooks_back) */
+      if (now - seen_since >= 2 * w->seconds && atomic_load(&R->runaway_hooks_back) != seq) {
+        atomic_store(&R->runaway_hooks_back, seq);
+        tgkill(getpid(), tid, WATCHDOG_SIGNAL);
+      }
       /* another `seconds`, and at least STUCK_GRACE: C work that is long but ends (a JSON
        * decode of 90 MB, a report's query) is not taken for a stuck loop under a small limit */
       double grace = w->seconds > STUCK_GRACE ? w->seconds : STUCK_GRACE;
