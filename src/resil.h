@@ -10,7 +10,10 @@
  * loop; only resil_interrupt may be called from elsewhere (another thread or
  * a signal handler), and only while the host is open: join that thread or
  * take the handler away before resil_close (the host's memory goes there).
- * Two threads with a host each need no locking.
+ * Two threads with a host each need no locking. A thread that runs a host
+ * needs 64 KiB of stack at least (resil_open takes some 40 KiB of it, a call
+ * with JSON as deep as resil.json takes some 30 KiB); 128 KiB for scripts
+ * that nest calls through C (pcall in pcall) up to Lua's own 200 levels.
  *
  * Locale: while the host runs (these functions, and its callbacks on an
  * event base you dispatch), the calling thread is in the C locale
