@@ -280,10 +280,11 @@ local function ai_error_reply(api, err)
   if type(err) ~= "table" and policy_bug(err) then err = policy_error(err) end
   if type(err) ~= "table" then
     local text = tostring(err):gsub("^[^:]*:%d+: ", "")
-    -- (a body within the 1000 levels read, deeper once in the other API's shape: its 400 was
-    -- "http request: cannot encode 'json': Cannot serialise, excessive nesting (1001)")
+    -- (a body within the levels read (resil.json.max_depth), deeper once in the other API's shape:
+    -- its 400 was "http request: cannot encode 'json': Cannot serialise, excessive nesting (201)")
     if text:find("excessive nesting", 1, true) then
-      text = "the request is nested more than 1000 levels deep in the shape of the API that serves it"
+      text = ("the request is nested more than %d levels deep in the shape of the API that serves it")
+        :format(json.max_depth or 200)
     end
     return error_reply(api, 400, public_message(text))
   end

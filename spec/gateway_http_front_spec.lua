@@ -93,16 +93,16 @@ describe("the gateway's HTTP front: bodies that are JSON but not an object", fun
       if case[2] == "openai" then assert.are.equal("invalid_json", err.code) end
       assert.are.equal(0, m:stats().total)
     end)
-    -- (before: "http request: cannot encode 'json': Cannot serialise, excessive nesting (1001)", the
-    -- encoder's words: a body within the 1000 levels read, one level deeper in the other API's shape)
+    -- (before: "http request: cannot encode 'json': Cannot serialise, excessive nesting (201)", the
+    -- encoder's words: a body within the 200 levels read, one level deeper in the other API's shape)
     if case[1] == "/v1/messages" then
-      it(case[1] .. ": a body nested past 1000 levels once in the other API's shape is a 400 saying so", function()
+      it(case[1] .. ": a body nested past 200 levels once in the other API's shape is a 400 saying so", function()
         local url, m = start({ auth = false })
-        local schema = ('{"a":'):rep(997) .. "1" .. ("}"):rep(997)
+        local schema = ('{"a":'):rep(197) .. "1" .. ("}"):rep(197)
         local res = post(url .. case[1], '{"model":"fast","max_tokens":10,"messages":[{"role":"user","content":"hi"}],'
           .. '"tools":[{"name":"f","input_schema":' .. schema .. "}]}")
         assert.are.equal(400, res.status, res.body)
-        assert.are.equal("the request is nested more than 1000 levels deep in the shape of the API that serves it",
+        assert.are.equal("the request is nested more than 200 levels deep in the shape of the API that serves it",
           json.decode(res.body).error.message)
         assert.are.equal(0, m:stats().total)
       end)
