@@ -247,7 +247,13 @@ function M.opened(backend, key, url)
     end
     resil.background(drain, st)
   else
-    resil.background(drain, st, 0)
+    -- (its first pass a task the loop waits for: a background one never ran in a program that
+    -- drives the host with resil_step and resil_call, and a script could end before it; what the
+    -- store still refuses is tried again in the background, which a process does not wait for)
+    resil.spawn(function()
+      local ok, left = pcall(replay, st)
+      if ok and left == 0 then st.draining = false else resil.background(drain, st) end
+    end)
   end
 end
 
