@@ -45,6 +45,24 @@ describe("resil.log", function()
     assert.are.equal("warn", warned.level)
   end)
 
+  -- (before: "@off" was swallowed and the warnings after it logged all the same)
+  it("keeps a script's warnings out of the log from warn('@off') to warn('@on'), a finalizer's error not", function()
+    local lines = capture(function()
+      warn("@off")
+      warn("not said")
+      setmetatable({}, { __gc = function() error("said still") end })
+      collectgarbage()
+      collectgarbage()
+      warn("@on")
+      warn("said again")
+    end)
+    local msgs = {}
+    for _, l in ipairs(lines) do msgs[#msgs + 1] = l.error or l.msg end
+    assert.is_nil(table.concat(msgs, "\n"):find("not said", 1, true), table.concat(msgs, "\n"))
+    assert.matches("said still", table.concat(msgs, "\n"), 1, true)
+    assert.are.equal("said again", msgs[#msgs])
+  end)
+
   -- (names and short values are remembered as written, for speed: a secret registered after one
   -- was first written must still be redacted from it)
   it("redacts a secret registered after a field's name or value was first written", function()

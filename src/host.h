@@ -101,6 +101,7 @@ struct resil {
   struct resil *close_outer_host;        /* watchdog_host before resil_close (loop_close_watched) */
   int close_reblock;                     /* ...and whether SIGURG was blocked */
   char warning[512];     /* ...the pieces of the one being said */
+  int warnings_off;      /* ...a script's warn("@off") until warn("@on") (a finalizer's error is said still) */
   const char *host_what; /* what it runs, for messages */
   char host_stop[256];   /* why its cap stopped it, raised again until it returns */
   int wake_pipe[2];

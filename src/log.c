@@ -683,7 +683,12 @@ int host_log_elsewhere(lua_State *L, const char *level, const char *msg) {
 static void host_warn(void *ud, const char *msg, int tocont) {
   resil_t *R = ud;
   size_t used = strlen(R->warning);
-  if (!used && !tocont && msg[0] == '@') return; /* a control message ("@on"), for Lua's own console */
+  /* a control message: "@off" silences a script's warnings until "@on", as Lua's manual has it */
+  if (!used && !tocont && msg[0] == '@') {
+    if (strcmp(msg, "@off") == 0) R->warnings_off = 1;
+    else if (strcmp(msg, "@on") == 0) R->warnings_off = 0;
+    return;
+  }
   snprintf(R->warning + used, sizeof R->warning - used, "%s", msg);
   if (tocont) return;
   char text[sizeof R->warning];
@@ -693,6 +698,7 @@ static void host_warn(void *ud, const char *msg, int tocont) {
   if (!W || !lua_checkstack(W, 4)) return;
   static const char gc[] = "error in __gc";
   const char *detail = strncmp(text, gc, sizeof gc - 1) == 0 ? strstr(text, " (") : NULL;
+  if (!detail && R->warnings_off) return;
   lua_createtable(W, 0, 1);
   if (detail) { /* its message, without Lua's "error in __gc (...)" around it */
     size_t len = strlen(detail + 2);

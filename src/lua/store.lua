@@ -712,8 +712,16 @@ end
 
 local MAX_VALUES = 250 -- more results than Lua's stack could return
 local function decode_values(text)
-  local t = type(text) == "string" and json.decode(text)
-  if type(t) ~= "table" then return nil, "not JSON" end
+  local t, jerr
+  if type(text) == "string" then t, jerr = json.decode(text) end
+  if type(t) ~= "table" then
+    -- (a record a version before the limit wrote deeper: said so, not "not JSON")
+    if jerr and tostring(jerr):find("too many nested", 1, true) then
+      return nil, ("nested more than %d levels deep (resil.json.max_depth; a version before the limit wrote it)")
+        :format(json.max_depth or 200)
+    end
+    return nil, "not JSON"
+  end
   local exact_format = t.x == 1
   if exact_format then t.n = math.tointeger(t.n) else t = integers(t, 0) end -- (records from before it)
   if math.type(t.n) ~= "integer" or t.n < 0 or t.n > MAX_VALUES or type(t.v) ~= "table" then
