@@ -34,6 +34,7 @@
 
 struct reload_state {
   int inotify_fd;
+  double read_at; /* wall seconds the loop last read the watch's events (an event's change is later) */
   struct event *inotify_ev;
   struct event *debounce_ev; /* real time: file changes happen in the real world */
   struct event *recheck_ev;
@@ -284,7 +285,7 @@ static double wall_seconds(void) {
 
 /* When the file an event names was last written or moved in (its ctime, which a copy that keeps
  * mtimes, `cp -p`, still sets), in wall seconds; now for one that is gone or unknown */
-static double changed_at(reload_state *st, const struct inotify_event *ev, double now) {
+static double changed_at(reload_state *st, const struct inotify_event *ev, double now, double read_before) {
   for (size_t i = 0; i < st->nfolders; i++) {
     if (st->folders[i].wd != ev->wd) continue;
     char path[PATH_MAX];
@@ -292,7 +293,12 @@ static double changed_at(reload_state *st, const struct inotify_event *ev, doubl
     if ((size_t)snprintf(path, sizeof path, "%s/%s", st->folders[i].path, ev->name) >= sizeof path ||
         stat(path, &sb) != 0)
       return now;
-    return (double)sb.st_ctim.tv_sec + (double)sb.st_ctim.tv_nsec / 1e9;
+    /* (a filesystem that keeps whole seconds, or a server whose clock is behind, gives a time
+     * that looks older than the save: the quiet counted from it vanished, and a file half
+     * written, or one of a deploy's several, was loaded; counted from now then, as before) */
+    double at = (double)sb.st_ctim.tv_sec + (double)sb.st_ctim.tv_nsec / 1e9;
+    if (sb.st_ctim.tv_nsec == 0 || at < read_before) return now;
+    return at;
   }
   return now;
 }
@@ -302,6 +308,8 @@ static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
   char buf[8192] __attribute__((aligned(__alignof__(struct inotify_event))));
   int changed = 0, folders = 0;
   double now = wall_seconds(), newest = 0;
+  double before = R->reload->read_at;
+  R->reload->read_at = now;
   for (;;) {
     ssize_t n = read(fd, buf, sizeof buf);
     if (n <= 0) break;
@@ -309,7 +317,7 @@ static void inotify_cb(evutil_socket_t fd, short what, void *arg) {
       struct inotify_event *ev = (struct inotify_event *)p;
       if (ev->len && is_policy_file(ev->name)) {
         changed = 1;
-        double at = changed_at(R->reload, ev, now);
+        double at = changed_at(R->reload, ev, now, before);
         if (at > newest) newest = at;
       }
       /* the kernel's queue overflowed (a deploy writing thousands of files
