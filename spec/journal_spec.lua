@@ -371,6 +371,29 @@ describe("the ledger's journal, in a process that goes on", function()
     assert.is_true(until_true(function() return ledger_has("long", 0.5) end, 5))
   end)
 
+  it("makes its file again when it is removed while the process holds it, and writes every row kept", function()
+    local db = helpers.tmpname(".db")
+    resil.store_config({ url = db .. "?timeout=0.05", journal = journal_dir })
+    assert(resil.store():set("made", "1"))
+    local release = helpers.hold_write_lock(db)
+    local held = true
+    finally(function() if held then helpers.release_write_lock(release) end end)
+    assert(resil.cost.record({ provider = "removed", model = "m", usd = 0.25, id = "removed-1", wait = false }))
+    assert.is_true(until_true(kept, 5))
+    -- (a cleaner of old files, or a hand; before: this row and every one after went with it)
+    os.execute("rm -f " .. journal_dir .. "/*.jsonl")
+    assert(resil.cost.record({ provider = "removed", model = "m", usd = 0.5, id = "removed-2", wait = false }))
+    assert.is_true(until_true(function()
+      return helpers.run("cat " .. journal_dir .. "/*.jsonl").stdout:find("removed-2", 1, true) ~= nil
+    end, 5))
+    helpers.release_write_lock(release)
+    held = false
+    assert.is_true(until_true(function()
+      local by = resil.cost.breakdown("provider")
+      return by ~= nil and by[1] ~= nil and by[1].calls == 2 and by[1].usd == 0.75 and not kept()
+    end, 5))
+  end)
+
   it("keeps a row the SQLite store refused for longer than the minute (its lock held), and writes it after",
     function()
       local db = helpers.tmpname(".db")

@@ -42,7 +42,7 @@
 
 typedef struct {
   int fd;
-  char *path; /* (a claim's: removed by done) */
+  char *path; /* (a claim's: removed by done; a file's: made again if removed under it, relink) */
 } journal_file;
 
 static int fail(lua_State *L, const char *what, const char *path) {
@@ -70,6 +70,28 @@ static journal_file *new_file(lua_State *L, const char *mt, int fd, const char *
   return f;
 }
 
+/* path opened for appending and locked, and still its name once locked -> fd | -1 (errno). Between
+ * the open that made it and the lock, a replayer could claim the new empty file and remove it: the
+ * lock was then had on a file no longer in the folder, and every line written to it lost. (Read
+ * and write: a file removed under its writer is copied to its name again, relink.) */
+static int open_locked(const char *path) {
+  for (int tries = 0; tries < 8; tries++) {
+    int fd = open(path, O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0) return -1;
+    struct stat st;
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0 || fstat(fd, &st) != 0) {
+      int e = errno;
+      close(fd);
+      errno = e;
+      return -1;
+    }
+    if (st.st_nlink > 0) return fd;
+    close(fd);
+  }
+  errno = EAGAIN;
+  return -1;
+}
+
 static int l_open(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
   char *dirs = strdup(path);
@@ -77,16 +99,41 @@ static int l_open(lua_State *L) {
   int r = make_parents(dirs);
   free(dirs);
   if (r != 0) return fail(L, "cannot make the journal's folder for", path);
-  int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  int fd = open_locked(path);
+  if (fd < 0 && errno == EWOULDBLOCK) return fail(L, "the journal is in use:", path);
   if (fd < 0) return fail(L, "cannot open the journal", path);
-  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    int e = errno;
-    close(fd);
-    errno = e;
-    return fail(L, "the journal is in use:", path);
-  }
-  new_file(L, FILE_MT, fd, NULL);
+  new_file(L, FILE_MT, fd, path);
   return 1;
+}
+
+/* A file removed under its writer (by hand, a cleaner of old files) takes its lines with it when
+ * it is closed, and those written after: it is made again under its name, what it had copied in.
+ * -> 0 | -1 (errno; the file left as it was) */
+static int relink(journal_file *f) {
+  struct stat st;
+  if (fstat(f->fd, &st) != 0) return -1;
+  if (st.st_nlink > 0 || !f->path) return 0;
+  int fd = open_locked(f->path);
+  if (fd < 0) return -1;
+  char buf[65536];
+  off_t at = 0;
+  for (;;) {
+    ssize_t n = pread(f->fd, buf, sizeof buf, at);
+    if (n < 0 && errno == EINTR) continue;
+    if (n == 0) break;
+    ssize_t w = n < 0 ? -1 : write(fd, buf, (size_t)n);
+    if (w != n) {
+      int e = n < 0 || w < 0 ? errno : ENOSPC;
+      unlink(f->path); /* (the copy cut short: not left for a replayer as a file with half the lines) */
+      close(fd);
+      errno = e;
+      return -1;
+    }
+    at += n;
+  }
+  close(f->fd);
+  f->fd = fd;
+  return 0;
 }
 
 static journal_file *open_file(lua_State *L, const char *mt) {
@@ -99,6 +146,7 @@ static int l_append(lua_State *L) {
   journal_file *f = open_file(L, FILE_MT);
   size_t len;
   const char *text = luaL_checklstring(L, 2, &len);
+  if (relink(f) != 0) return fail(L, "cannot make again the removed journal", f->path);
   /* (a write cut short, the disk full, is taken back: the next line, once there is room, would have
    * followed the half line and been read with it as one line that is not a ledger write) */
   off_t start = lseek(f->fd, 0, SEEK_END);
@@ -121,6 +169,7 @@ static int l_append(lua_State *L) {
 
 static int l_sync(lua_State *L) {
   journal_file *f = open_file(L, FILE_MT);
+  if (relink(f) != 0) return fail(L, "cannot make again the removed journal", f->path);
   if (fdatasync(f->fd) != 0) return fail(L, "cannot sync", "the journal");
   lua_pushboolean(L, 1);
   return 1;
@@ -139,7 +188,7 @@ static int close_file(journal_file *f) {
 
 static int l_close(lua_State *L) {
   journal_file *f = luaL_checkudata(L, 1, FILE_MT);
-  int synced = f->fd < 0 || fdatasync(f->fd) == 0;
+  int synced = f->fd < 0 || (relink(f) == 0 && fdatasync(f->fd) == 0);
   int e = errno;
   close_file(f);
   if (!synced) {
