@@ -226,7 +226,8 @@ static int l_claim(lua_State *L) {
     struct stat st;
     /* held: its writer is alive (or another process is replaying it); no link left: replayed and
      * removed by another between the listing and the lock */
-    if (fd < 0 || flock(fd, LOCK_EX | LOCK_NB) != 0 || fstat(fd, &st) != 0 || st.st_nlink == 0) {
+    if (fd < 0 || flock(fd, LOCK_EX | LOCK_NB) != 0 || fstat(fd, &st) != 0 || st.st_nlink == 0 ||
+        !S_ISREG(st.st_mode)) { /* (a folder or a fifo named like one: never a journal, not read each pass) */
       if (fd >= 0) close(fd);
       lua_pop(L, 1);
       continue;
