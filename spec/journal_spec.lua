@@ -399,6 +399,38 @@ describe("the ledger's journal, in a process that goes on", function()
     end, 5))
   end)
 
+  it("goes on in a new file past a file's size, every file small enough to be replayed whole", function()
+    local journal = require "resil.journal"
+    local size = journal.file_bytes
+    journal.file_bytes = 2000 -- (64 MB: an hour's outage under a busy gateway kept 300 MB in one file,
+    finally(function() journal.file_bytes = size end) -- which no replay would read)
+    local db = helpers.tmpname(".db")
+    resil.store_config({ url = db .. "?timeout=0.05", journal = journal_dir })
+    assert(resil.store():set("made", "1"))
+    local release = helpers.hold_write_lock(db)
+    local held = true
+    finally(function() if held then helpers.release_write_lock(release) end end)
+    for i = 1, 40 do
+      assert(resil.cost.record({ provider = "big", model = "m", usd = 0.25, id = "big-" .. i, wait = false }))
+    end
+    assert.is_true(until_true(function()
+      return select(2, helpers.run("cat " .. journal_dir .. "/*.jsonl").stdout:gsub("\n", "")) == 40
+    end, 5))
+    local sizes = helpers.run("stat -c %s " .. journal_dir .. "/*.jsonl").stdout
+    local files = 0
+    for bytes in sizes:gmatch("%d+") do
+      files = files + 1
+      assert.is_true(tonumber(bytes) < 2000 + 400, sizes)
+    end
+    assert.is_true(files > 1, sizes)
+    helpers.release_write_lock(release)
+    held = false
+    assert.is_true(until_true(function()
+      local by = resil.cost.breakdown("provider")
+      return by ~= nil and by[1] ~= nil and by[1].calls == 40 and by[1].usd == 10 and not kept()
+    end, 5))
+  end)
+
   it("keeps a row the SQLite store refused for longer than the minute (its lock held), and writes it after",
     function()
       local db = helpers.tmpname(".db")

@@ -88,18 +88,30 @@ local function is_write(w)
     and (e.micro_usd == nil or math.type(e.micro_usd) == "integer" and e.micro_usd >= 0)
 end
 
+-- A file is replayed whole (src/journal.c reads at most 256 MB of one): past this size, the process
+-- goes on in a new one. An outage of an hour under a busy gateway kept more in one file than any
+-- replay would read, and its writes were never written. (M.file_bytes: a spec's smaller size)
+M.file_bytes = 64 * 1024 * 1024
+
 -- the text appended to this process's file for the store (opened on first use) -> its path | nil, err
 local function append(st, text)
+  if st.live and st.size >= M.file_bytes then
+    pcall(st.live.close, st.live)
+    st.live = nil
+  end
   for _ = 1, 2 do
     if not st.live then
       seq = seq + 1
       local path = ("%s/%s%s-%d.jsonl"):format(folder(), st.prefix, owner.me().tag, seq)
       local f, err = core.open(path)
       if not f then return nil, err end
-      st.live, st.path = f, path
+      st.live, st.path, st.size = f, path, 0
     end
     local ok, done, err = pcall(st.live.append, st.live, text)
-    if ok and done then return st.path end
+    if ok and done then
+      st.size = st.size + #text
+      return st.path
+    end
     -- (the disk full: said by the caller; the file kept for the next write, none of this one in it,
     -- where a new file a write was one more empty file, its descriptor open, for each write refused)
     if ok then return nil, err end
