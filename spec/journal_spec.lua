@@ -300,6 +300,37 @@ print(resil.cost.total())
   end)
 end)
 
+describe("the ledger's journal in a folder others may write in", function()
+  it("writes no line of a file another user planted there", function()
+    local folder, files = new_folder()
+    local db = helpers.tmpname(".db")
+    local release = helpers.hold_write_lock((function()
+      assert.are.equal(0, helpers.run(helpers.resil .. " --store " .. db .. " -e 'require(\"resil\").store()'").code)
+      return db
+    end)())
+    local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. db .. "?timeout=0.05' " ..
+      helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+assert(resil.cost.record({ provider = "mine", model = "m", usd = 0.25, id = "mine-1", wait = false }))
+resil.sleep(0.2)
+os.exit(0)
+]]))
+    helpers.release_write_lock(release)
+    assert.are.equal(0, r.code, r.stderr)
+    local name = assert(files()[1], r.stderr)
+    -- another user's file, named as the store's journals are (RESIL_JOURNAL=/tmp, a shared folder)
+    local planted = folder .. "/" .. name:gsub("%-1%.jsonl$", "-666.jsonl")
+    helpers.write(planted, '{"k":"row","e":{"dedupe":"planted-1","micro_usd":1000000000,"at":1,"day":"2026-01-01",' ..
+      '"provider":"planted"}}\n')
+    if os.execute("chown nobody " .. planted .. " 2>/dev/null") ~= true then
+      return pending("giving a file to another user needs root")
+    end
+    os.execute("chmod 644 " .. planted)
+    assert.are.same({ 1, "0.250000" }, { ledger(folder, db, 1) })
+    assert.are.same({ (planted:match("[^/]+$")) }, files())
+  end)
+end)
+
 describe("the ledger's journal on a full disk", function()
   it("keeps what fits whole in one file, names the rest as lost with the disk's error, and all kept is written once",
     function()

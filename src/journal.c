@@ -19,6 +19,7 @@
  *   file:sync()          -> true | nil, err  (fdatasync: past a power cut, not only a crash)
  *   file:close()         -> true | nil, err  (synced, its lock let go)
  *   claim(dir, prefix)   -> { claim, ... }: the files dir/prefix*.jsonl no process holds, locked now
+ *                           (regular files of this user's only)
  *   claim:read()         -> the file's text | nil, err
  *   claim:done()         -> the file removed (its lines are written, or kept in another file)
  *   claim:release()      -> its lock let go, the file left as it is
@@ -226,8 +227,11 @@ static int l_claim(lua_State *L) {
     struct stat st;
     /* held: its writer is alive (or another process is replaying it); no link left: replayed and
      * removed by another between the listing and the lock */
+    /* (a folder or a fifo named like one: never a journal, not read each pass; another user's file, in
+     * a folder others may write in (RESIL_JOURNAL=/tmp): its lines were written to the ledger, costs
+     * and settles anyone on the machine could plant) */
     if (fd < 0 || flock(fd, LOCK_EX | LOCK_NB) != 0 || fstat(fd, &st) != 0 || st.st_nlink == 0 ||
-        !S_ISREG(st.st_mode)) { /* (a folder or a fifo named like one: never a journal, not read each pass) */
+        !S_ISREG(st.st_mode) || st.st_uid != geteuid()) {
       if (fd >= 0) close(fd);
       lua_pop(L, 1);
       continue;
