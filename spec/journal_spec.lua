@@ -300,6 +300,38 @@ print(resil.cost.total())
   end)
 end)
 
+describe("the ledger's journal replayed by short-lived processes", function()
+  it("keeps only what is left of a file a process ended in the middle of, and all of it is written once", function()
+    local folder, files = new_folder()
+    local db = helpers.tmpname(".db")
+    assert.are.equal(0, helpers.run(helpers.resil .. " --store " .. db .. " -e 'require(\"resil\").store()'").code)
+    local release = helpers.hold_write_lock(db)
+    local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. db .. "?timeout=0.05' " ..
+      helpers.write(helpers.tmpname(".lua"), [[
+local resil = require "resil"
+assert(resil.cost.record({ provider = "short", model = "m", usd = 0.01, id = "short-0", wait = false }))
+resil.sleep(0.2)
+os.exit(0)
+]]))
+    helpers.release_write_lock(release)
+    assert.are.equal(0, r.code, r.stderr)
+    local path = folder .. "/" .. assert(files()[1], r.stderr)
+    local line = helpers.slurp(path)
+    local many = { line }
+    for i = 1, 5000 do many[#many + 1] = (line:gsub('"short%-0"', '"short-' .. i .. '"')) end
+    helpers.write(path, table.concat(many))
+    -- a command that runs for a moment (resil-lua budgets, a script): it writes some of the file
+    local short = helpers.run(with_journal(folder) .. helpers.resil .. " --store " .. db ..
+      " --log-level off -e 'local resil = require \"resil\"; resil.store(); resil.sleep(0.3)'")
+    assert.are.equal(0, short.code, short.stderr)
+    -- (before: the file left whole, its first part written again by the next, and the next)
+    local _, left = helpers.slurp(folder .. "/" .. assert(files()[1])):gsub("\n", "")
+    assert.is_true(left > 0 and left < 5001, left)
+    assert.are.same({ 5001, "50.010000" }, { ledger(folder, db, 5001) })
+    assert.are.same({}, files())
+  end)
+end)
+
 describe("the ledger's journal in a folder others may write in", function()
   it("writes no line of a file another user planted there", function()
     local folder, files = new_folder()

@@ -184,9 +184,12 @@ local function replay(st)
       -- line by line nor decoded (a 100,000-line journal held the loop some 0.7 s at each pass of an
       -- outage), and a file none of whose lines was written is left as it is, not copied.
       local rest, at, taken = nil, 1, false
+      local progress = { claim = claim, text = text, at = 1 } -- (where it is, for M.ending)
+      st.replaying = progress
       while at <= #text do
         local nl = text:find("\n", at, true) or #text + 1
         local line = text:sub(at, nl - 1)
+        progress.at = at
         if line ~= "" then
           local ok, w = pcall(json.decode, line)
           if ok and type(w) == "table" and type(w.e) == "table" then whole_numbers(w.e) end
@@ -198,6 +201,7 @@ local function replay(st)
             -- (a line the backend raises on can never be written: said and left out, not tried forever)
             local called, written, werr = pcall(write_one, backend, w)
             if not called then written, werr = nil, written end
+            if st.replaying ~= progress then return 1 end -- (the process ended meanwhile: M.ending kept the rest)
             if written == nil and resil.is_error(werr) and werr.kind == "store_unavailable" then
               down, rest = werr, text:sub(at)
               break
@@ -218,6 +222,7 @@ local function replay(st)
         end
         at = nl + 1
       end
+      st.replaying = nil
       local lines = 0
       if rest then
         for _ in rest:gmatch("\n") do lines = lines + 1 end
@@ -294,8 +299,23 @@ function M.opened(backend, key, url)
   end
 end
 
--- No task is started after this: what is kept from here on is synced at M.close
-function M.ending() ending = true end
+-- No task is started after this: what is kept from here on is synced at M.close. A file being
+-- replayed as the process ends (a CLI command, a script that ran a second) keeps only what is left
+-- of it: its first part was written again by every process that opened the store, and one whose
+-- life was shorter than the file's replay never got past it.
+function M.ending()
+  ending = true
+  for _, st in pairs(stores) do
+    local r = st.replaying
+    st.replaying = nil
+    -- (from the line being written: it may have landed, and is once in the ledger by its key)
+    local rest = r and r.text:sub(r.at)
+    if rest and (rest == "" or append(st, rest:sub(-1) == "\n" and rest or rest .. "\n")) then
+      if st.live then st.live:sync() end
+      r.claim:done()
+    end
+  end
+end
 
 -- The files synced and closed (resil_close, the end of the process)
 function M.close()
