@@ -320,9 +320,9 @@ os.exit(0)
     local many = { line }
     for i = 1, 5000 do many[#many + 1] = (line:gsub('"short%-0"', '"short-' .. i .. '"')) end
     helpers.write(path, table.concat(many))
-    -- a command that runs for a moment (resil-lua budgets, a script): it writes some of the file
-    local short = helpers.run(with_journal(folder) .. helpers.resil .. " --store " .. db ..
-      " --log-level off -e 'local resil = require \"resil\"; resil.store(); resil.sleep(0.3)'")
+    -- a process that ends a moment into its open's replay (a script's os.exit, SIGTERM): it wrote some of the file
+    local short = helpers.run(with_journal(folder) .. helpers.resil .. " --store " .. db .. " --log-level off -e " ..
+      "'local resil = require \"resil\"; resil.spawn(function() resil.sleep(0.05) os.exit(0) end); resil.store()'")
     assert.are.equal(0, short.code, short.stderr)
     -- (before: the file left whole, its first part written again by the next, and the next)
     local _, left = helpers.slurp(folder .. "/" .. assert(files()[1])):gsub("\n", "")
