@@ -110,6 +110,7 @@ os.exit(0)
       local report = helpers.run(with_journal(folder) .. helpers.resil .. " costs --store '" .. url .. "'")
       assert.are.equal(0, report.code, report.stderr)
       assert.matches("total %$0%.000000", report.stdout)
+      assert.matches("the ledger's journal holds writes not yet in this store", report.stderr, 1, true)
       assert.are.equal(1, #files())
       -- a process that opens the store writes them; a second one finds nothing left to write
       assert.are.same({ 4, "1.250000" }, { ledger(folder, url, 4) })

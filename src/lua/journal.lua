@@ -315,6 +315,17 @@ function M.opened(backend, key, url)
   end
 end
 
+-- A store a command opens to read it only (costs, runs, budgets: src/lua/store.lua): its journal
+-- is not written (a report never waits on a write), and its files are said, so that a report
+-- read while writes wait there is not taken for the whole ledger
+function M.reading(key, url)
+  local st = state_of(key, url)
+  if core.any(folder(), st.prefix) then
+    resil.log.warn("the ledger's journal holds writes not yet in this store, which this report does not " ..
+      "count: the next process that opens the store to write writes them", { journal = folder() })
+  end
+end
+
 -- No task is started after this: what is kept from here on is synced at M.close. A file being
 -- replayed as the process ends (a CLI command, a script that ran a second) keeps only what is left
 -- of it: its first part was written again by every process that opened the store, and one whose

@@ -352,7 +352,8 @@ local function open_store(url, key, opts)
   opened[key] = s
   opened[url] = s
   -- (what a process before this one kept for it, written to it first: src/lua/journal.lua)
-  if not reading then require("resil.journal").opened(backend, key, url) end
+  if reading then require("resil.journal").reading(key, url)
+  else require("resil.journal").opened(backend, key, url) end
   return s
 end
 
