@@ -26,7 +26,7 @@ local LEFT_OUT_NAMED = 10 -- (lines that are not ledger writes named in the log,
 local kept_total = resil.metrics.counter("resil_ledger_journal_kept_total",
   "Ledger writes (cost rows, budget settles) the store would not take, kept in the ledger's journal, by kind")
 local written_total = resil.metrics.counter("resil_ledger_journal_written_total",
-  "Ledger writes from the ledger's journal written to the store, by kind")
+  "Ledger writes from the ledger's journal the store now holds (written, or found there already), by kind")
 
 local M = {}
 
