@@ -85,6 +85,21 @@ print(by[1] and by[1].calls or 0, ("%%.6f"):format(assert(resil.cost.total())))
   return tonumber(n), usd
 end
 
+-- A SQLite store made, its write lock held by another process while a process records the rows
+-- `source` names (its body: Lua that records with wait = false), which end in the journal of
+-- `folder` as that process ends: -> the store's path, that process's run
+local function kept_on_sqlite(folder, source)
+  local db = helpers.tmpname(".db")
+  assert.are.equal(0, helpers.run(helpers.resil .. " --store " .. db .. " -e 'require(\"resil\").store()'").code)
+  local release = helpers.hold_write_lock(db)
+  local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. db .. "?timeout=0.05' " ..
+    helpers.write(helpers.tmpname(".lua"), 'local resil = require "resil"\n' .. source ..
+      "\nresil.sleep(0.2)\nos.exit(0)\n"))
+  helpers.release_write_lock(release)
+  assert.are.equal(0, r.code, r.stderr)
+  return db, r
+end
+
 describe("the ledger's journal on Redis", function()
   it("keeps the rows a process could not write before it ended, and the next process writes them, once",
     function()
@@ -265,18 +280,8 @@ end)
 describe("the ledger's journal on SQLite, written by hand or cut short", function()
   it("writes its good lines, names each line that is not a ledger write, and leaves nothing behind", function()
     local folder, files = new_folder()
-    local db = helpers.tmpname(".db")
-    assert.are.equal(0, helpers.run(helpers.resil .. " --store " .. db .. " -e 'require(\"resil\").store()'").code)
-    local release = helpers.hold_write_lock(db)
-    local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. db .. "?timeout=0.05' " ..
-      helpers.write(helpers.tmpname(".lua"), [[
-local resil = require "resil"
-assert(resil.cost.record({ provider = "hand", model = "m", usd = 0.25, id = "hand-1", wait = false }))
-resil.sleep(0.2)
-os.exit(0)
-]]))
-    helpers.release_write_lock(release)
-    assert.are.equal(0, r.code, r.stderr)
+    local db, r = kept_on_sqlite(folder,
+      'assert(resil.cost.record({ provider = "hand", model = "m", usd = 0.25, id = "hand-1", wait = false }))')
     assert.are.same({ "hand-1 0.25" }, helpers.rows_logged_kept(r.stderr), r.stderr)
     local name = assert(files()[1], r.stderr)
     local f = assert(io.open(folder .. "/" .. name, "a"))
@@ -307,18 +312,8 @@ end)
 describe("the ledger's journal replayed by short-lived processes", function()
   it("keeps only what is left of a file a process ended in the middle of, and all of it is written once", function()
     local folder, files = new_folder()
-    local db = helpers.tmpname(".db")
-    assert.are.equal(0, helpers.run(helpers.resil .. " --store " .. db .. " -e 'require(\"resil\").store()'").code)
-    local release = helpers.hold_write_lock(db)
-    local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. db .. "?timeout=0.05' " ..
-      helpers.write(helpers.tmpname(".lua"), [[
-local resil = require "resil"
-assert(resil.cost.record({ provider = "short", model = "m", usd = 0.01, id = "short-0", wait = false }))
-resil.sleep(0.2)
-os.exit(0)
-]]))
-    helpers.release_write_lock(release)
-    assert.are.equal(0, r.code, r.stderr)
+    local db, r = kept_on_sqlite(folder,
+      'assert(resil.cost.record({ provider = "short", model = "m", usd = 0.01, id = "short-0", wait = false }))')
     local path = folder .. "/" .. assert(files()[1], r.stderr)
     local line = helpers.slurp(path)
     local many = { line }
@@ -339,20 +334,8 @@ end)
 describe("the ledger's journal in a folder others may write in", function()
   it("writes no line of a file another user planted there", function()
     local folder, files = new_folder()
-    local db = helpers.tmpname(".db")
-    local release = helpers.hold_write_lock((function()
-      assert.are.equal(0, helpers.run(helpers.resil .. " --store " .. db .. " -e 'require(\"resil\").store()'").code)
-      return db
-    end)())
-    local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. db .. "?timeout=0.05' " ..
-      helpers.write(helpers.tmpname(".lua"), [[
-local resil = require "resil"
-assert(resil.cost.record({ provider = "mine", model = "m", usd = 0.25, id = "mine-1", wait = false }))
-resil.sleep(0.2)
-os.exit(0)
-]]))
-    helpers.release_write_lock(release)
-    assert.are.equal(0, r.code, r.stderr)
+    local db, r = kept_on_sqlite(folder,
+      'assert(resil.cost.record({ provider = "mine", model = "m", usd = 0.25, id = "mine-1", wait = false }))')
     local name = assert(files()[1], r.stderr)
     -- another user's file, named as the store's journals are (RESIL_JOURNAL=/tmp, a shared folder)
     local planted = folder .. "/" .. name:gsub("%-1%.jsonl$", "-666.jsonl")
@@ -379,18 +362,8 @@ describe("the ledger's journal on a full disk", function()
         return pending("mounting a tmpfs needs root")
       end
       finally(function() os.execute("umount -l " .. folder) end)
-      local db = helpers.tmpname(".db")
-      assert.are.equal(0, helpers.run(helpers.resil .. " --store " .. db .. " -e 'require(\"resil\").store()'").code)
-      local release = helpers.hold_write_lock(db)
-      local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. db .. "?timeout=0.05' " ..
-        helpers.write(helpers.tmpname(".lua"), [[
-local resil = require "resil"
-for i = 1, 800 do assert(resil.cost.record({ provider = "full", model = "m", usd = 0.01, id = "full-" .. i, wait = false })) end
-resil.sleep(0.2)
-os.exit(0)
-]]))
-      helpers.release_write_lock(release)
-      assert.are.equal(0, r.code, r.stderr)
+      local db, r = kept_on_sqlite(folder, 'for i = 1, 800 do assert(resil.cost.record({ provider = "full", ' ..
+        'model = "m", usd = 0.01, id = "full-" .. i, wait = false })) end')
       local kept, lost = #helpers.rows_logged_kept(r.stderr), #helpers.rows_logged_lost(r.stderr)
       assert.are.equal(800, kept + lost, r.stderr)
       assert.is_true(kept > 0 and lost > 0, r.stderr)
