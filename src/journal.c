@@ -205,6 +205,14 @@ static int l_gc(lua_State *L) {
   return 0;
 }
 
+/* A file appended to, collected (the state closing: what was kept after the last sync, the lines the
+ * host's close kept, is made durable as the README says, not only closed) */
+static int l_file_gc(lua_State *L) {
+  journal_file *f = lua_touserdata(L, 1);
+  if (f->fd >= 0) fdatasync(f->fd);
+  return l_gc(L);
+}
+
 static int is_journal(const char *name, const char *prefix, size_t plen) {
   size_t n = strlen(name);
   return n > plen + 6 && strncmp(name, prefix, plen) == 0 && strcmp(name + n - 6, ".jsonl") == 0;
@@ -320,7 +328,7 @@ int luaopen_resil_journal(lua_State *L) {
   luaL_newmetatable(L, FILE_MT);
   luaL_newlib(L, file_methods);
   lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_gc);
+  lua_pushcfunction(L, l_file_gc);
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
   luaL_newmetatable(L, CLAIM_MT);

@@ -155,8 +155,20 @@ end
 
 -- The files of the store no process holds, written to it: -> how many writes are left (kept again
 -- in this process's file for the next pass)
+-- (a pass that raises or whose task is canceled: the file being replayed is let go, for this
+-- process's next pass or another's; held, no other process could claim it until this one ended)
+local replay_ended = { __close = function(g)
+  local r = g.st.replaying
+  if r and g.st.replaying_by == g then
+    g.st.replaying = nil
+    pcall(r.claim.release, r.claim)
+  end
+end }
+
 local function replay(st)
   local S = require "resil.store"
+  local guard <close> = setmetatable({ st = st }, replay_ended)
+  st.replaying_by = guard
   local s = private.store_open(st.url)
   if not s then return 1 end
   local backend = private.backend_of[s]
@@ -214,7 +226,11 @@ local function replay(st)
             local called, written, werr = pcall(write_one, backend, w)
             if not called then written, werr = nil, written end
             if st.replaying ~= progress then return 1 end -- (the process ended meanwhile: M.ending kept the rest)
-            if written == nil and resil.is_error(werr) and werr.kind == "store_unavailable" then
+            -- (an error the store returns is the store's, not the line's: down, or a server that
+            -- refuses every command, NOAUTH after a password was set, a command it does not know:
+            -- the pass stops and the rest is kept; dropped, a process opened without the password
+            -- emptied the journal. A line the backend raises on is the line's: said and left out.)
+            if written == nil and called then
               down, rest = werr, text:sub(at)
               break
             elseif written == nil then
@@ -223,6 +239,11 @@ local function replay(st)
               resil.log.error("the ledger refused a write from its journal; its cost is not in it", f)
             else
               written_total:inc({ kind = w.k })
+            end
+            if written == false and w.k == "once" then
+              -- (its key taken over, or gone past its retention: the new holder's result counts)
+              resil.log.warn("a resil.once record from the ledger's journal was not written: its key is " ..
+                "another holder's now, or gone", { key = w.t, journal = path })
             end
             if written and (w.k == "row" or w.k == "settle" and w.e.charged) then
               local units = type(w.e.units) == "string" and select(2, pcall(json.decode, w.e.units)) or nil
@@ -235,6 +256,7 @@ local function replay(st)
         at = nl + 1
       end
       st.replaying = nil
+      st.replaying_by = nil
       if left_out > LEFT_OUT_NAMED then
         resil.log.error("more lines of a ledger journal that are not ledger writes were left out",
           { journal = path, lines = left_out - LEFT_OUT_NAMED })
@@ -260,7 +282,7 @@ local function replay(st)
       end
       left = left + lines
       if down then
-        resil.log.warn("the store is still unavailable: the ledger's journal is written to it later",
+        resil.log.warn("the store did not take the ledger's journal: it is written to it later",
           { journal = now_in, left = lines, error = tostring(down) })
       else
         resil.log.info("a ledger journal was written to the store", { journal = path })
@@ -292,26 +314,39 @@ end
 -- A store opened (src/lua/store.lua): its journal files, kept by processes that ended, are written
 -- to it before the open returns when its caller is a task (its first once claim must find the
 -- record a dead holder kept, not run fn and pay again), else soon after in a task of their own.
+--
+-- Its first pass is a task of its own, which the loop waits for (a background one never ran in a
+-- program that drives the host with resil_step and resil_call, and a script could end before it):
+-- not the opener's (a gateway request whose client left canceled it, and with it the journal for
+-- the rest of the process's life; its first request waited minutes for a large file). What the
+-- store still refuses is tried again in the background, which a process does not wait for.
+-- resil.once waits for that first pass (M.settled): a restarted process's first once of a key must
+-- find the record a dead holder kept, not take the key over and run fn, and pay, again.
+local first_ended = { __close = function(g) g.st.first_pass = nil end }
 function M.opened(backend, key, url)
   local st = state_of(key, url)
   of_backend[backend] = st
   if st.draining or not core.any(folder(), st.prefix) then return end
-  st.draining = true
-  if resil.running() and coroutine.isyieldable() then
-    local ok, left = pcall(replay, st)
-    if ok and left == 0 then
-      st.draining = false
-      return
+  st.draining, st.first_pass = true, true
+  resil.spawn(function()
+    local ok, left
+    do
+      local _ <close> = setmetatable({ st = st }, first_ended)
+      ok, left = pcall(replay, st)
     end
-    resil.background(drain, st)
-  else
-    -- (its first pass a task the loop waits for: a background one never ran in a program that
-    -- drives the host with resil_step and resil_call, and a script could end before it; what the
-    -- store still refuses is tried again in the background, which a process does not wait for)
-    resil.spawn(function()
-      local ok, left = pcall(replay, st)
-      if ok and left == 0 then st.draining = false else resil.background(drain, st) end
-    end)
+    if ok and left == 0 then st.draining = false else resil.background(drain, st) end
+  end)
+end
+
+-- resil.once, before it claims a key (src/lua/once.lua): the store's journal's first pass over,
+-- or a minute at most
+function M.settled(backend)
+  local st = of_backend[backend]
+  if not (st and st.first_pass) or ending or not (resil.running() and coroutine.isyieldable()) then return end
+  local deadline, pause = resil.now() + 60, 0.001
+  while st.first_pass and resil.now() < deadline do
+    resil.sleep(pause)
+    pause = math.min(pause * 2, 0.05)
   end
 end
 

@@ -381,6 +381,9 @@ function resil.once(spec, fn, ...)
         return nil, resil.error("in_progress", ("once %s: still running in this process"):format(key), { key = key })
       end
     end
+    -- (what a process before this one kept for the store written first: a record its dead holder
+    -- kept is found, not its claim taken over and fn run, and paid, again: src/lua/journal.lua)
+    journal.settled(backend_of[s])
     local now = store_now()
     local lease_until = lease_due(backend_of[s], now)
     claim_seq = claim_seq + 1
