@@ -548,9 +548,7 @@ local function settle_later(ticket, entry, fields, sent)
     end,
     -- (past the minute, or at the end: in the ledger's journal, kept once per ticket too)
     function()
-      local url = S.url()
-      return journal.keep(ticket.store and backend_of[ticket.store], { k = "settle", t = ticket.id, e = entry },
-        S.key(url), url)
+      return journal.keep(ticket.store and backend_of[ticket.store], { k = "settle", t = ticket.id, e = entry })
     end)
 end
 

@@ -337,8 +337,7 @@ local function row_keeper(entry, store)
   return function(maybe_landed, log_fields)
     if entry.dedupe == nil and maybe_landed then return nil end
     own_key(nil, entry, true)
-    local url = S.url()
-    local path, err = journal.keep(store and store(), { k = "row", e = entry }, S.key(url), url)
+    local path, err = journal.keep(store and store(), { k = "row", e = entry })
     -- (the key it is kept under named in its line: the one to look for in the ledger)
     if path and log_fields then log_fields.id = entry.dedupe end
     return path, err
@@ -388,6 +387,11 @@ local function write_later(backend, name, fields, log_fields, a, b)
   if unwritten >= LATER_MAX and resil.running() and coroutine.isyieldable() then return false end
   local seen = metric_fields(fields)
   local row = name == "cost_record"
+  -- (its keep for the ledger's journal, made only when the store refused it)
+  local function keeper(maybe_landed, log)
+    if row then return row_keeper(a, function() return backend end)(maybe_landed, log) end
+    return journal.keep(backend, { k = "settle", t = a, e = b })
+  end
   local function done(err, ok)
     unwritten = unwritten - 1
     if err == nil then
@@ -396,11 +400,7 @@ local function write_later(backend, name, fields, log_fields, a, b)
       if ok and (row or seen.usd > 0) then observe_cost(seen, seen.units) end
     elseif resil.is_error(err) and err.kind == "store_unavailable" and err.closing then
       -- the store closed with it unwritten (another process held the write lock): said row by row
-      kept_or_lost(row and "a cost row" or "a settle", log_fields, tostring(err),
-      row and row_keeper(a, function() return backend end) or function()
-        local url = S.url()
-        return journal.keep(backend, { k = "settle", t = a, e = b }, S.key(url), url)
-      end)
+      kept_or_lost(row and "a cost row" or "a settle", log_fields, tostring(err), keeper)
     elseif resil.is_error(err) and err.kind == "store_unavailable" then
       retry_later(row and "a cost row" or "a settle", function() return backend[name](backend, a, b) end,
         function(written) return written and (row or seen.usd > 0) end, seen, log_fields, err.sent,
@@ -408,10 +408,7 @@ local function write_later(backend, name, fields, log_fields, a, b)
           if maybe_landed and row and a.dedupe == nil then return nil end
           return close_write(failed, backend, name .. "_now", a, b)
         end,
-        row and row_keeper(a, function() return backend end) or function()
-          local url = S.url()
-          return journal.keep(backend, { k = "settle", t = a, e = b }, S.key(url), url)
-        end)
+        keeper)
     else
       log_fields.error = tostring(err)
       resil.log.error("the ledger refused a row; its cost is not in it", log_fields)

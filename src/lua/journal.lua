@@ -124,12 +124,16 @@ end
 local drain
 local ending = false -- (resil_close, the process's end: no task is started any more)
 
--- Kept: w = { k = "row", e = entry } | { k = "settle", t = ticket, e = entry } for the store
--- whose backend is given (or the store with `key` and `url`, one never opened). The entry must have
--- its key (dedupe). -> the file's path | nil, err
-function M.keep(backend, w, key, url)
-  local st = backend and of_backend[backend] or key and state_of(key, url)
-  if not st then return nil, "no store to keep it for" end
+-- Kept: w = { k = "row", e = entry } | { k = "settle", t = ticket, e = entry } | { k = "once", t =
+-- key, e = record } for the store whose backend is given, or else the default store (one that could
+-- not be opened). A row or settle must have its key (dedupe). -> the file's path | nil, err
+function M.keep(backend, w)
+  local st = backend and of_backend[backend]
+  if not st then
+    local S = require "resil.store"
+    local url = S.url()
+    st = state_of(S.key(url), url)
+  end
   if not is_write(w) then return nil, "not a keyed ledger write" end
   local ok, text = pcall(json.encode, w)
   if not ok then return nil, text end
@@ -166,7 +170,6 @@ local replay_ended = { __close = function(g)
 end }
 
 local function replay(st)
-  local S = require "resil.store"
   local guard <close> = setmetatable({ st = st }, replay_ended)
   st.replaying_by = guard
   local s = private.store_open(st.url)
@@ -294,8 +297,8 @@ local function replay(st)
 end
 
 -- Tried from 5 s to once a minute until nothing is left (one task a store at most)
-function drain(st, first)
-  local pause = first or FIRST_PAUSE
+function drain(st)
+  local pause = FIRST_PAUSE
   while true do
     resil.sleep(pause)
     local ok, left = pcall(replay, st)
@@ -304,18 +307,13 @@ function drain(st, first)
       left = 1
     end
     if left == 0 then break end
-    -- (a first pass at once, as a store opens, is followed by the usual pauses: doubled from 0, a
-    -- store still down was asked hundreds of times a second, the journal copied and logged each time)
-    pause = math.max(FIRST_PAUSE, math.min(pause * 2, MOST_PAUSE))
+    pause = math.min(pause * 2, MOST_PAUSE)
   end
   st.draining = false
 end
 
 -- A store opened (src/lua/store.lua): its journal files, kept by processes that ended, are written
--- to it before the open returns when its caller is a task (its first once claim must find the
--- record a dead holder kept, not run fn and pay again), else soon after in a task of their own.
---
--- Its first pass is a task of its own, which the loop waits for (a background one never ran in a
+-- to it at once. Its first pass is a task of its own, which the loop waits for (a background one never ran in a
 -- program that drives the host with resil_step and resil_call, and a script could end before it):
 -- not the opener's (a gateway request whose client left canceled it, and with it the journal for
 -- the rest of the process's life; its first request waited minutes for a large file). What the

@@ -71,9 +71,8 @@ local running_mt = { __close = function(r) if running[r[1]] == r then running[r[
 -- taken over meanwhile keeps its new holder's. -> the task
 -- record: { key, store, holder, result, retention, now, fingerprint } -> the journal's file | nil
 local function keep_record(s, record)
-  local url = S.url()
   return journal.keep(backend_of[s], { k = "once", t = record[1], e = { holder = record[3], result = record[4],
-    retention = record[5], fingerprint = record[7] } }, S.key(url), url)
+    retention = record[5], fingerprint = record[7] } })
 end
 
 local function write_later(s, key, write, record)
