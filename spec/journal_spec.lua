@@ -66,6 +66,12 @@ local function with_journal(folder)
   return "RESIL_JOURNAL=" .. folder .. " "
 end
 
+-- A process with the journal of `folder`, on the store `store`, running the script `source`
+local function run_in(folder, store, source)
+  return helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. store .. "' " ..
+    helpers.write(helpers.tmpname(".lua"), source))
+end
+
 -- the ledger of `url` as another process reads it, once what it is waiting for is there: -> calls, usd
 local function ledger(folder, url, calls)
   local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "' --log-level off " ..
@@ -106,14 +112,13 @@ describe("the ledger's journal on Redis", function()
       local folder, files = new_folder()
       local url = fresh_url()
       stop_redis()
-      local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "?timeout=0.1' " ..
-        helpers.write(helpers.tmpname(".lua"), [[
+      local r = run_in(folder, url .. "?timeout=0.1", [[
 local resil = require "resil"
 for i = 1, 3 do assert(resil.cost.record({ provider = "down", model = "m", usd = 0.25, id = "row-" .. i, wait = false })) end
 assert(resil.cost.record({ provider = "down", model = "m", usd = 0.5, wait = false })) -- (no id of its own)
 resil.sleep(0.2)
 os.exit(0)
-]]))
+]])
       assert.are.equal(0, r.code, r.stderr)
       -- (before: "a cost row was not written before the process ended; its cost is not in the ledger", four times)
       assert.are.same({}, helpers.rows_logged_lost(r.stderr), r.stderr)
@@ -138,24 +143,22 @@ os.exit(0)
     local url = fresh_url()
     stop_redis()
     finally(start_redis)
-    local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "?timeout=0.1' " ..
-      helpers.write(helpers.tmpname(".lua"), [[
+    local r = run_in(folder, url .. "?timeout=0.1", [[
 local resil = require "resil"
 assert(resil.cost.record({ provider = "down", usd = 0.25, id = "spin-1", wait = false }))
 resil.sleep(0.2)
 os.exit(0)
-]]))
+]])
     assert.are.equal(0, r.code, r.stderr)
     local before = files()
     assert.are.equal(1, #before, r.stderr)
     -- (before: the first pass's pause of 0 doubled to 0, some 200 passes a second, each logged, the
     -- journal copied to a new file each time)
-    local again = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "?timeout=0.1' " ..
-      helpers.write(helpers.tmpname(".lua"), [[
+    local again = run_in(folder, url .. "?timeout=0.1", [[
 local resil = require "resil"
 resil.store()
 resil.sleep(1)
-]]))
+]])
     assert.are.equal(0, again.code, again.stderr)
     local _, passes = again.stderr:gsub("the store did not take the ledger's journal: it is written to it later", "")
     assert.are.equal(1, passes, again.stderr)
@@ -241,11 +244,10 @@ os.exit(0)
       assert.matches("once: the record is kept in the ledger's journal", first.stderr, 1, true)
       pid = nil
       start_redis() -- (with what it had saved: the claim of a process that is gone)
-      local again = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "' " ..
-        helpers.write(helpers.tmpname(".lua"), [[
+      local again = run_in(folder, url, [[
 local resil = require "resil"
 print(resil.once("order-42", function() return "paid-2" end))
-]]))
+]])
       assert.are.equal(0, again.code, again.stderr)
       -- (before: "paid-2", the dead holder's key taken over and its fn run, and paid, again)
       assert.are.equal("paid-1\n", again.stdout, again.stderr)
@@ -258,13 +260,12 @@ print(resil.once("order-42", function() return "paid-2" end))
     local folder, files = new_folder()
     local url = fresh_url()
     stop_redis()
-    local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "?timeout=0.1' " ..
-      helpers.write(helpers.tmpname(".lua"), [[
+    local r = run_in(folder, url .. "?timeout=0.1", [[
 local resil = require "resil"
 for i = 1, 3 do assert(resil.cost.record({ provider = "auth", usd = 0.25, id = "auth-" .. i, wait = false })) end
 resil.sleep(0.2)
 os.exit(0)
-]]))
+]])
     assert.are.equal(0, r.code, r.stderr)
     start_redis()
     os.execute(("redis-cli -p %d config set requirepass secret > /dev/null"):format(port))
@@ -305,12 +306,11 @@ os.exit(0)
           micro_usd = 1, provider = "p" } }) .. "\n"
       end
       helpers.write(path, table.concat(lines) .. once_line)
-      local again = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "' " ..
-        helpers.write(helpers.tmpname(".lua"), [[
+      local again = run_in(folder, url, [[
 local resil = require "resil"
 resil.spawn(function() resil.store() end)
 print(resil.spawn(function() return resil.once("order-7", function() return "paid-2" end) end):join())
-]]))
+]])
       assert.are.equal(0, again.code, again.stderr)
       assert.are.equal("true\tpaid-1\n", again.stdout, again.stderr)
       assert.are.same({}, files())
@@ -320,13 +320,12 @@ print(resil.spawn(function() return resil.once("order-7", function() return "pai
     local folder, files = new_folder()
     local url = fresh_url()
     stop_redis()
-    local r = helpers.run(with_journal(folder) .. helpers.resil .. " --store '" .. url .. "?timeout=0.1' " ..
-      helpers.write(helpers.tmpname(".lua"), [[
+    local r = run_in(folder, url .. "?timeout=0.1", [[
 local resil = require "resil"
 for i = 1, 50 do assert(resil.cost.record({ provider = "two", usd = 0.01, id = "two-" .. i, wait = false })) end
 resil.sleep(0.2)
 os.exit(0)
-]]))
+]])
     assert.are.equal(0, r.code, r.stderr)
     start_redis()
     local script = helpers.write(helpers.tmpname(".lua"), [[
