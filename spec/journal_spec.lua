@@ -394,6 +394,27 @@ describe("the ledger's journal replayed by short-lived processes", function()
   end)
 end)
 
+describe("the ledger's journal replayed by a process killed with SIGKILL", function()
+  it("is replayed whole by the next process, every row once", function()
+    local folder, files = new_folder()
+    local db, r = kept_on_sqlite(folder,
+      'assert(resil.cost.record({ provider = "killed", model = "m", usd = 0.01, id = "killed-0", wait = false }))')
+    local path = folder .. "/" .. assert(files()[1], r.stderr)
+    local line = helpers.slurp(path)
+    local many = { line }
+    for i = 1, 5000 do many[#many + 1] = (line:gsub('"killed%-0"', '"killed-' .. i .. '"')) end
+    helpers.write(path, table.concat(many))
+    -- a process killed in the middle of its first pass: its lock goes with it, its file stays whole
+    local pid_file = helpers.tmpname(".pid")
+    os.execute(("%s%s --store %s --log-level off -e 'require(\"resil\").store(); " ..
+      "require(\"resil\").sleep(30)' & echo $! > %s; sleep 0.15; kill -9 $(cat %s); wait"):format(
+      with_journal(folder), helpers.resil, db, pid_file, pid_file))
+    assert.are.equal(1, #files())
+    assert.are.same({ 5001, "50.010000" }, { ledger(folder, db, 5001) })
+    assert.are.same({}, files())
+  end)
+end)
+
 describe("the ledger's journal in a folder others may write in", function()
   it("writes no line of a file another user planted there", function()
     local folder, files = new_folder()
